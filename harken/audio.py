@@ -69,6 +69,9 @@ def load_audio(
     ``path`` may also be the raw bytes of a file. ``offset`` and ``duration`` (seconds) select a
     segment. Raises :class:`AudioError` for a missing, unreadable, unsupported or empty file.
     """
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise AudioError(f"{path if not isinstance(path, (bytes, bytearray)) else '<bytes>'}: "
+                         f"offset must be >= 0 and duration > 0 (got {offset}, {duration})")
     if isinstance(path, (bytes, bytearray)):
         name, src = "<bytes>", io.BytesIO(path)
     else:
@@ -94,7 +97,11 @@ def load_audio(
                 data = f.read(frames, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
             if isinstance(src, str) and shutil.which("ffmpeg"):
-                wave = _ffmpeg_decode(name, sample_rate, offset, duration)
+                try:
+                    wave = _ffmpeg_decode(name, sample_rate, offset, duration)
+                except AudioError as fe:
+                    raise AudioError(f"{name}: unreadable or unsupported audio (soundfile: {e}; "
+                                     f"{str(fe).split(': ', 1)[-1]})") from None
             else:
                 raise AudioError(f"{name}: unreadable or unsupported audio ({e})") from None
         else:

@@ -1,0 +1,223 @@
+"""harken command line: synth | prepare | train | eval | transcribe.
+
+User mistakes (bad paths, bad config keys, unreadable audio) print one clear line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("harken")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+# ------------------------------------------------------------------------------------ synth
+def cmd_synth(a) -> int:
+    from harken.data.corpus.synth import CorpusConfig, synthesize_corpus
+
+    cfg = CorpusConfig(seed=a.seed, train_utts=a.train_utts, dev_utts=a.dev_utts,
+                       test_seen_utts=a.test_utts, test_unseen_utts=a.test_utts,
+                       piper_fraction=a.piper_fraction,
+                       voices=a.voices.split(",") if a.voices else None)
+    summary = synthesize_corpus(cfg, a.out, jobs=a.jobs, progress=not a.quiet)
+    if a.noise_dir:
+        from harken.data.augment import generate_noise_folder
+        from harken.data.manifest import read_manifest
+
+        speech = [r.audio for r in read_manifest(Path(a.out) / "train.jsonl")][:200]
+        files = generate_noise_folder(a.noise_dir, speech, seed=a.seed)
+        log.info("noise folder %s: %d files", a.noise_dir, len(files))
+    keys = ("counts", "hours", "vocab_size", "oov_rate")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ prepare
+def cmd_prepare(a) -> int:
+    from harken.data.manifest import read_manifest, write_manifest
+
+    if a.kind == "cmvn":
+        from harken.config import load_config
+        from harken.train.trainer import estimate_cmvn
+
+        cfg = load_config(a.config, a.overrides)
+        cfg.data.cmvn_utts = a.max_utts
+        recs = read_manifest(a.source)
+        estimate_cmvn(recs, cfg, seed=0).to_file(a.output)
+        print(f"wrote {a.output} from {min(len(recs), a.max_utts)} utterances")
+        return 0
+    from harken.data.importers import IMPORTERS
+
+    recs = IMPORTERS[a.kind](a.source)
+    n = write_manifest(a.output, recs)
+    hours = sum(r.duration for r in recs) / 3600
+    print(f"wrote {n} records ({hours:.2f} h) to {a.output}")
+    if a.cmvn:
+        from harken.config import load_config
+        from harken.train.trainer import estimate_cmvn
+
+        cfg = load_config(a.config, a.overrides)
+        estimate_cmvn(recs, cfg, seed=0).to_file(a.cmvn)
+        print(f"wrote CMVN stats to {a.cmvn}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ train
+def cmd_train(a) -> int:
+    from harken.config import load_config
+    from harken.train.trainer import train
+
+    cfg = load_config(a.config, a.overrides)
+    run = train(cfg)
+    st = run.state
+    if run.dist.is_main:
+        print(json.dumps({"exp_dir": str(run.exp_dir), "steps": st.step, "epochs": st.epoch,
+                          "best_dev_wer": None if st.best_step < 0 else round(st.best_wer, 4),
+                          "best_step": st.best_step, "nonfinite_skipped": st.nonfinite_skipped,
+                          "audio_seconds_per_second": round(st.audio_seconds / max(1e-9, st.train_seconds), 2)}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ eval
+def cmd_eval(a) -> int:
+    import torch
+
+    from harken.data.manifest import read_manifest
+    from harken.evaluate import decode_records, error_report, write_errors
+    from harken.recognizer import Recognizer
+    from harken.text.normalize import normalize_text
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rec = Recognizer.load(a.checkpoint)
+    out_dir = Path(a.out) if a.out else Path(a.checkpoint).resolve().parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m in a.manifests:
+        name = Path(m).stem
+        records = read_manifest(m)
+        import time
+
+        t0 = time.time()
+        hyps = decode_records(rec.model, records, rec.tokenizer, max_duration=a.max_duration,
+                              progress=not a.quiet)
+        dt = time.time() - t0
+        refs = [normalize_text(r.text) for r in records]
+        rep = error_report(refs, hyps).as_dict()
+        audio = sum(r.duration for r in records)
+        rep.update(set=name, hours=audio / 3600, rtf=dt / max(audio, 1e-9))
+        write_errors(out_dir / f"errors-{name}.jsonl", records, refs, hyps)
+        rows.append(rep)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    print(f"\n{'set':<16} {'utts':>6} {'words':>7} {'WER %':>7} {'CER %':>7} {'SER %':>7} {'RTF':>7}")
+    for r in rows:
+        print(f"{r['set']:<16} {r['num_utts']:>6} {r['num_words']:>7} {100 * r['wer']:>7.2f} "
+              f"{100 * r['cer']:>7.2f} {100 * r['sentence_error_rate']:>7.2f} {r['rtf']:>7.4f}")
+    print(f"\nper-utterance errors and results.json in {out_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ transcribe
+def cmd_transcribe(a) -> int:
+    from harken.recognizer import Recognizer, find_audio
+
+    files = find_audio(a.inputs)
+    if not files:
+        raise FileNotFoundError(f"no audio files in {a.inputs}")
+    rec = Recognizer.load(a.checkpoint, num_threads=a.threads)
+    results = rec.transcribe_batch(files, max_duration=a.max_duration)
+    for t in results:
+        if a.format == "json":
+            print(json.dumps(t.as_dict(), ensure_ascii=False))
+        else:
+            print(f"{t.source}\t{t.text}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harken", description="speech recognition: data to deployment")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="synthesize the built-in English corpus")
+    s.add_argument("--out", default="data/corpus")
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--train-utts", type=int, default=3000)
+    s.add_argument("--dev-utts", type=int, default=200)
+    s.add_argument("--test-utts", type=int, default=200, help="per test set")
+    s.add_argument("--piper-fraction", type=float, default=0.04)
+    s.add_argument("--voices", default=None, help="comma-separated voice ids or engines (default: all found)")
+    s.add_argument("--noise-dir", default=None, help="also write generated noise (white, pink, brown, babble) here")
+    s.add_argument("--jobs", type=int, default=2)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("prepare", help="import a dataset into a JSONL manifest, or compute CMVN stats")
+    s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "cmvn"])
+    s.add_argument("source", help="data dir / root / NeMo manifest / folder; a manifest for 'cmvn'")
+    s.add_argument("-o", "--output", required=True, help="manifest (.jsonl) or cmvn.json to write")
+    s.add_argument("--cmvn", default=None, help="also write global CMVN stats here")
+    s.add_argument("--max-utts", type=int, default=1000, help="utterances used for CMVN")
+    s.add_argument("--config", default=None, help="experiment config (for the fbank settings)")
+    s.add_argument("overrides", nargs="*", default=[])
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a CTC model")
+    s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.encoder.num_layers=12")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="greedy-decode test manifests and report WER/CER")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("manifests", nargs="+")
+    s.add_argument("--out", default=None, help="folder for results.json and errors-*.jsonl")
+    s.add_argument("--max-duration", type=float, default=200.0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("transcribe", help="transcribe audio files or folders")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--format", choices=["text", "json"], default="text")
+    s.add_argument("--max-duration", type=float, default=200.0)
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(func=cmd_transcribe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from harken.audio import AudioError
+    from harken.data.manifest import ManifestError
+
+    user_errors: tuple = (AudioError, ManifestError, FileNotFoundError)
+    try:
+        from harken.config import ConfigError
+
+        user_errors += (ConfigError,)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except user_errors as e:
+        print(f"harken {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"harken {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
