@@ -68,7 +68,7 @@ def test_tiny_model_overfits_synthesized_speech_to_wer_zero(tiny_corpus, tmp_pat
 def test_resume_equals_straight_training(tiny_corpus, tmp_path):
     corpus, _ = tiny_corpus
     man = subset(corpus, 24, tmp_path)
-    common = ["optim.warmup_steps=4", "train.checkpoint_every=3", "data.max_duration=15",
+    common = ["optim.warmup_steps=4", "train.checkpoint_every=3", "data.max_duration=30",
               "data.augment.speed_factors=[0.9,1.0,1.1]", "data.augment.volume_prob=0.5",
               "model.encoder.dropout=0.1", "train.keep_last=10"]
     straight = train(cfg_for(man, tmp_path / "a", "train.max_steps=8", *common))

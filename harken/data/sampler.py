@@ -86,7 +86,10 @@ class BucketSampler:
         rng = np.random.default_rng([self.seed, self.epoch])
         idx = self._epoch_indices(rng)
         order = idx[np.argsort(self.durations[idx], kind="stable")]
-        buckets = np.array_split(order, min(self.num_buckets, max(1, len(order))))
+        # a bucket must hold a few batches' worth of audio, or small data sets get tiny batches
+        total = float(self.durations[order].sum())
+        nb = max(1, min(self.num_buckets, len(order), int(total // (3 * self.max_duration))))
+        buckets = np.array_split(order, nb)
         batches: list[list[int]] = []
         for b in buckets:
             if self.shuffle:

@@ -1,5 +1,8 @@
 """Acoustic models: encoders (conformer, transformer) and the CTC head."""
 
+from harken.models import conformer as _conformer  # noqa: F401  (registers)
+from harken.models import transformer as _transformer  # noqa: F401  (registers)
+from harken.models.ctc import CtcModel, ctc_loss
 from harken.models.registry import (
     ENCODER_PRESETS,
     ENCODERS,
@@ -9,9 +12,6 @@ from harken.models.registry import (
     encoder_preset,
     register_encoder,
 )
-from harken.models import conformer as _conformer  # noqa: F401  (registers)
-from harken.models import transformer as _transformer  # noqa: F401  (registers)
-from harken.models.ctc import CtcModel, ctc_loss
 
 __all__ = [
     "ENCODERS",

@@ -39,10 +39,11 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     """(B,H,T,2T-1) scores indexed by relative-position slot k (distance
     T-1-k) -> (B,H,T,T) with out[..., i, j] = x[..., i, T-1-i+j], i.e. the
     score for distance i-j.  Pad/reshape trick: one copy, no gather."""
-    b, h, t, p = x.shape
-    x = F.pad(x, (1, 0))  # (B,H,T,2T)
-    x = x.view(b, h, p + 1, t)[:, :, 1:]
-    return x.reshape(b, h, t, p)[..., : (p + 1) // 2]
+    b, h, t, p = x.shape  # p == 2t - 1
+    x = F.pad(x, (1, 0)).flatten(2)  # (B,H,T*2T); row i holds [0, x[i]]
+    # element (i, j) of the (T, 2T-1) view of flat[T:] sits at flat index
+    # 2T*i + (T - i + j), i.e. padded column T-i+j = x[i, T-1-i+j]
+    return x[..., t:].unflatten(-1, (t, p))[..., :t]
 
 
 class MultiHeadSelfAttention(nn.Module):

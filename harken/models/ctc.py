@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from harken.models.registry import EncoderConfig, build_encoder, encoder_flops
 
@@ -41,11 +42,11 @@ class CtcModel(nn.Module):
     def output_lengths(self, feat_lens: torch.Tensor) -> torch.Tensor:
         return self.encoder.output_lengths(feat_lens)
 
-    def encoder_output(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_output(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[Tensor, Tensor]:
         """Hidden states (B,T',d_model) and their lengths."""
         return self.encoder(feats, feat_lens)
 
-    def encode_features(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_features(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[Tensor, Tensor]:
         """Features (B,T,F) -> (log_probs (B,T',V) float32, out_lens)."""
         h, lens = self.encoder(feats, feat_lens)
         logits = self.output(h)

@@ -15,8 +15,7 @@ class Conv2dSubsampling4(nn.Module):
 
     ``T' = ((T - 1) // 2 - 1) // 2``.  Because there is no padding, every valid
     output frame only sees valid input frames, so right padding never leaks.
-    Internally channels-last is used (faster oneDNN kernels on CPU); the linear
-    layer consumes features ordered (freq, channel).
+    The linear layer consumes features ordered (freq, channel).
     """
 
     factor = 4
@@ -38,8 +37,6 @@ class Conv2dSubsampling4(nn.Module):
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.unsqueeze(1)  # (B,1,T,F)
         x = F.relu(self.conv1(x))
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.conv2(x))  # (B,C,T',F')
         b, c, t, f = x.shape
         x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)

@@ -193,7 +193,7 @@ def train_one_epoch(run: Run, progress=None) -> bool:
     acc_loss = acc_utts = acc_frames = 0.0
     t_step = time.time()
     seconds_in_step = 0.0
-    for epoch, batch in loader:
+    for batch in loader:
         batch = batch.to(run.device)
         last_micro = micro == accum - 1
         sync = contextlib.nullcontext() if (last_micro or not run.dist.enabled) else run.model.no_sync()

@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from harken.audio import SAMPLE_RATE, save_wav
 from harken.data.manifest import Record, write_manifest
 
 from .textgen import make_splits, vocab_stats
-from .voices import SynthesisError, Voice, available_voices, select_voices
+from .voices import SynthesisError, Voice, select_voices
 
 log = logging.getLogger(__name__)
 
@@ -93,42 +94,77 @@ def _stable_key(*parts) -> int:
     return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
 
 
+def _family(v: Voice) -> str:
+    """The recorded speaker behind a voice: flite's slt and festival's slt HTS are one speaker, and so
+    are flite kal16 and festival kal diphone. A held-out speaker is held out in every engine."""
+    return str(v.params.get("family") or v.id)
+
+
+def _variant(v: Voice) -> str:
+    return v.params.get("name", v.id).split("+", 1)[-1]
+
+
 def choose_holdout(voices: list[Voice]) -> list[str]:
     """Held-out voices, chosen deterministically from the voice list alone (not the seed), so
     ``test_unseen`` means the same across seeds.
 
-    About 22% of the espeak voices, spread over accents (at most one per accent per round), and one
-    voice of flite and of festival when those engines have two or more. An engine's only voice (piper)
-    is never held out, and every engine keeps at least one voice in train.
+    * espeak: about 22% of its voices, preferring voice variants that no train voice shares, spread
+      over accents (round-robin), never all the voices of an accent.
+    * flite / festival: one recorded speaker (``slt`` when it can be), held out in every engine that
+      has it, as long as each engine keeps a voice in train.
+    * an engine's only voice (piper) is never held out.
     """
-    out: list[str] = []
-    by_engine: dict[str, list[Voice]] = {}
-    for v in voices:
-        by_engine.setdefault(v.engine, []).append(v)
-    for engine, vs in by_engine.items():
-        if len(vs) < 2:
-            continue
-        if engine == "espeak":
-            k = max(1, round(HOLDOUT_ESPEAK_FRACTION * len(vs)))
-        else:
-            k = 1
-        k = min(k, len(vs) - 1)
-        groups: dict[str, list[Voice]] = {}
-        for v in sorted(vs, key=lambda v: _stable_key("holdout", v.id)):
-            groups.setdefault(v.group, []).append(v)
-        order = sorted(groups, key=lambda g: _stable_key("holdout-group", g))
-        picked: list[str] = []
-        rnd = 0
-        while len(picked) < k:
-            for g in order:
-                if len(picked) < k and rnd < len(groups[g]) and len(groups[g]) - rnd > 1:
-                    picked.append(groups[g][rnd].id)
-            rnd += 1
-            if rnd > len(vs):  # groups of one voice each: take them in order
-                rest = [v.id for v in vs if v.id not in picked]
-                picked += sorted(rest, key=lambda i: _stable_key("holdout", i))[: k - len(picked)]
-        out += picked
-    return [v.id for v in voices if v.id in set(out)]
+    held: set[str] = set()
+    espeak = [v for v in voices if v.engine == "espeak"]
+    if len(espeak) >= 2:
+        k = min(len(espeak) - 1, max(1, round(HOLDOUT_ESPEAK_FRACTION * len(espeak))))
+        variants: dict[str, int] = {}
+        for v in espeak:
+            variants[_variant(v)] = variants.get(_variant(v), 0) + 1
+        size: dict[str, int] = {}
+        for v in espeak:
+            size[v.group] = size.get(v.group, 0) + 1
+        unique = [v for v in espeak if variants[_variant(v)] == 1]
+        for cands in (unique, espeak):
+            groups: dict[str, list[Voice]] = {}
+            for v in sorted(cands, key=lambda v: _stable_key("holdout", v.id)):
+                if v.id not in held:
+                    groups.setdefault(v.group, []).append(v)
+            order = sorted(groups, key=lambda g: _stable_key("holdout-group", g))
+            taken: dict[str, int] = {}
+            for v in espeak:
+                if v.id in held:
+                    taken[v.group] = taken.get(v.group, 0) + 1
+            progress = True
+            while len(held) < k and progress:
+                progress = False
+                for g in order:
+                    if len(held) >= k or not groups[g]:
+                        continue
+                    # keep at least one voice of the accent in train, unless it is the only voice
+                    if taken.get(g, 0) + 1 >= size[g] and len(groups) > 1:
+                        continue
+                    held.add(groups[g].pop(0).id)
+                    taken[g] = taken.get(g, 0) + 1
+                    progress = True
+            if len(held) >= k:
+                break
+    others = [v for v in voices if v.engine in ("flite", "festival")]
+    if others:
+        engines_n: dict[str, int] = {}
+        for v in voices:
+            engines_n[v.engine] = engines_n.get(v.engine, 0) + 1
+        families = sorted({_family(v) for v in others},
+                          key=lambda f: (f != "slt", _stable_key("holdout-family", f)))
+        for fam in families:
+            members = [v for v in voices if _family(v) == fam]
+            lost: dict[str, int] = {}
+            for v in members:
+                lost[v.engine] = lost.get(v.engine, 0) + 1
+            if all(engines_n[e] - n >= 1 for e, n in lost.items()):
+                held.update(v.id for v in members)
+                break
+    return [v.id for v in voices if v.id in held]
 
 
 def _assign(n: int, voices: list[Voice], rng: random.Random, piper_fraction: float) -> list[Voice]:
@@ -141,7 +177,9 @@ def _assign(n: int, voices: list[Voice], rng: random.Random, piper_fraction: flo
     if not others:
         return [piper[i % len(piper)] for i in range(n)]
     n_piper = min(n, int(round(piper_fraction * n))) if piper else 0
-    slots = [others[i % len(others)] for i in range(n - n_piper)]
+    order = list(others)
+    rng.shuffle(order)  # so that a small split still draws from all voices
+    slots = [order[i % len(order)] for i in range(n - n_piper)]
     rng.shuffle(slots)
     piper_pos = set(rng.sample(range(n), n_piper)) if n_piper else set()
     it = iter(slots)
@@ -194,12 +232,12 @@ def plan_corpus(cfg: CorpusConfig, voices: list[Voice] | None = None) -> dict:
 def _worker_init() -> None:
     # engines are created lazily, once per worker process; keep each worker single-threaded
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch  # noqa: F401  (only if something already imported it)
-
-        torch.set_num_threads(1)
-    except Exception:
-        pass
+    torch = sys.modules.get("torch")  # only if something already imported it
+    if torch is not None:
+        try:
+            torch.set_num_threads(1)
+        except Exception:
+            pass
 
 
 def _cpu_seconds() -> float:
@@ -277,12 +315,6 @@ def synthesize_corpus(cfg: CorpusConfig, out_dir: str, jobs: int = 2, progress: 
     # resume: keep wavs that exist, are valid, and were made for the same plan entry
     plan_path = out / "plan.jsonl"
     old = _read_plan(plan_path)
-    tmp = plan_path.with_name(plan_path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for u in all_utts:
-            f.write(json.dumps(u.plan_row(), ensure_ascii=False) + "\n")
-    os.replace(tmp, plan_path)
-
     durations: dict[str, float] = {}
     todo: list[Utterance] = []
     for u in all_utts:
@@ -290,9 +322,19 @@ def synthesize_corpus(cfg: CorpusConfig, out_dir: str, jobs: int = 2, progress: 
         d = valid_wav_duration(p) if old.get(u.id) == u.fingerprint else None
         if d is None:
             todo.append(u)
+            if p.exists():  # stale (another plan) or broken: never let it pass for this plan
+                p.unlink()
         else:
             durations[u.id] = d
     skipped = len(durations)
+    for stale in out.glob("wav/*/.*.tmp*"):  # left by an interrupted save
+        stale.unlink(missing_ok=True)
+    # every wav left on disk now belongs to this plan, so the plan can be recorded before synthesis
+    tmp = plan_path.with_name(plan_path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for u in all_utts:
+            f.write(json.dumps(u.plan_row(), ensure_ascii=False) + "\n")
+    os.replace(tmp, plan_path)
 
     todo.sort(key=lambda u: -_COST.get(u.voice.engine, 1.0))
     tasks = [(u.id, str(u.wav_path(out)), u.text, u.voice, u.speed, u.pitch) for u in todo]
@@ -307,6 +349,7 @@ def synthesize_corpus(cfg: CorpusConfig, out_dir: str, jobs: int = 2, progress: 
                    desc="synth", dynamic_ncols=True)
         jobs = max(1, min(int(jobs), len(tasks)))
         pool = None
+        ok = False
         try:
             if jobs == 1:
                 _worker_init()
@@ -323,10 +366,14 @@ def synthesize_corpus(cfg: CorpusConfig, out_dir: str, jobs: int = 2, progress: 
                     log.warning("synthesis failed for %s: %s", uid, err)
                 engine_cpu[engine] = engine_cpu.get(engine, 0.0) + cpu
                 bar.update(1)
+            ok = True
         finally:
             bar.close()
             if pool is not None:
-                pool.close()
+                if ok:
+                    pool.close()
+                else:  # interrupted: stop now; finished wavs are kept and a re-run resumes
+                    pool.terminate()
                 pool.join()
     synth_wall = time.time() - synth_start
 

@@ -291,6 +291,9 @@ TOPICS = ["the weather", "the game", "the election", "the traffic", "the new bri
           "the garden show", "the museum opening", "the train strike", "the book club", "the festival"]
 
 
+_WHEN = RELATIVE_DAYS + [f"on {d}" for d in WEEKDAYS] + [f"next {d}" for d in WEEKDAYS]
+
+
 def _words(block: str) -> list[str]:
     return sorted(set(block.split()))
 
@@ -476,7 +479,7 @@ SLOTS: dict[str, Callable[[Rng], str]] = {
     "sport": lambda r: r.choice(SPORTS),
     "weekday": lambda r: r.choice(WEEKDAYS),
     "month": lambda r: r.choice(MONTHS),
-    "when": lambda r: r.choice(RELATIVE_DAYS + [f"on {d}" for d in WEEKDAYS] + [f"next {d}" for d in WEEKDAYS]),
+    "when": lambda r: r.choice(_WHEN),
     "verbed": lambda r: r.choice(VERBS_PAST),
     "topic": lambda r: r.choice(TOPICS),
     "num": _small_number,
@@ -570,7 +573,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("numbers", "the store closes at {time} on {weekday}"),
     ("numbers", "the train to {city} departs at {time}"),
     ("numbers", "it's about {qty} from here"),
-    ("numbers", "the recipe needs {qty} of {grocery}"),
+    ("numbers", "the recipe needs {cook_qty} of {grocery}"),
     ("numbers", "the population is roughly {bignum}"),
     ("numbers", "there were {bignum} people at the {sport} match"),
     ("numbers", "prices went up by {percent} last year"),
@@ -658,6 +661,23 @@ TEMPLATES: list[tuple[str, str]] = [
     ("everyday", "we need a bigger {furniture} for the {room}"),
 ]
 
+def _cook_quantity(r: Rng) -> str:
+    k = r.randrange(8)
+    if k == 0:
+        return r.choice(["one cup", "half a cup", "a pinch", "one teaspoon", "one tablespoon", "a pound"])
+    if k == 1:
+        return f"{r.choice(_ONES[2:9])} cups"
+    if k == 2:
+        return f"{r.choice(_ONES[2:6])} tablespoons"
+    if k == 3:
+        return f"{r.choice(_ONES[2:6])} teaspoons"
+    if k in (4, 5):
+        return f"{number_to_words(r.choice([50, 100, 150, 200, 250, 300, 400, 500]))} grams"
+    if k == 6:
+        return f"{r.choice(_ONES[2:13])} ounces"
+    return f"{r.choice(_ONES[2:5])} pounds"
+
+
 _EXTRA_SLOTS: dict[str, Callable[[Rng], str]] = {
     "place_word": lambda r: r.choice(["bakery", "market", "park", "garden", "pharmacy", "pizza place",
                                       "diner", "corner shop", "cafe", "library", "deli", "gym"]),
@@ -665,6 +685,7 @@ _EXTRA_SLOTS: dict[str, Callable[[Rng], str]] = {
                                      "feet", "meters", "ounces", "gallons", "fahrenheit", "celsius"]),
     "door_word": lambda r: r.choice(["front", "back", "garage", "side", "kitchen", "patio", "cellar"]),
     "small_digit": lambda r: r.choice(_ONES[1:11]),
+    "cook_qty": lambda r: _cook_quantity(r),
 }
 SLOTS.update(_EXTRA_SLOTS)
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,6 +138,8 @@ ESPEAK_VOICES: list[str] = [
     "en-029+m1", "en-029+f3", "en-029+klatt", "en-029+aunty",
 ]
 
+# load a fresh copy of the library for each utterance so that output does not depend on history
+ESPEAK_ISOLATE = True
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _ESPEAK_CHARS_UTF8 = 1
@@ -146,13 +149,47 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
 
 
 class _Espeak:
-    """The process-global libespeak-ng, initialised once."""
+    """libespeak-ng through ctypes, in synchronous mode with a callback collecting int16 samples.
 
-    def __init__(self) -> None:
+    libespeak-ng keeps state in static variables that no API call resets (pitch-flutter phase, wave
+    phase, gain control), so the samples of an utterance would depend on everything spoken before it
+    in the process, and a corpus built with 1 or 2 workers, or resumed, would differ. With
+    ``isolate`` (the default where ``dlclose`` exists) the library is loaded, initialised, used for
+    one utterance and unloaded again, which resets those statics: the same input always gives the
+    same samples. That costs ~4 ms per utterance; espeak stays far faster than real time.
+    """
+
+    def __init__(self, isolate: bool = True) -> None:
         import espeakng_loader
 
-        self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.path = espeakng_loader.get_library_path()
         data = espeakng_loader.get_data_path()
+        # the folder that holds espeak-ng-data (espeak also accepts the data folder itself)
+        self._data_paths = [os.path.dirname(data.rstrip("/")).encode(), data.encode()]
+        try:
+            import _ctypes
+
+            self._dlclose = getattr(_ctypes, "dlclose", None)
+        except ImportError:
+            self._dlclose = None
+        self.isolate = bool(isolate and self._dlclose is not None)
+        self._chunks: list[np.ndarray] = []
+
+        def _callback(wav, n, _events):
+            if n > 0 and wav:
+                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0
+
+        self._callback = _SYNTH_CALLBACK(_callback)  # keep a reference while the library may call it
+        self.lib = None
+        self._voice: str | None = None
+        self.sample_rate = 0
+        self._open()  # fail early (and learn the sample rate) if the library is unusable
+        if self.isolate:
+            self._close()
+
+    def _open(self) -> None:
+        lib = ctypes.CDLL(self.path)
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
@@ -165,26 +202,42 @@ class _Espeak:
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Synchronize.restype = ctypes.c_int
-        # the path is the folder that holds espeak-ng-data (also accepted: the data folder itself)
-        sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0,
-                                   os.path.dirname(data.rstrip("/")).encode(), 0)
+        lib.espeak_Terminate.restype = ctypes.c_int
+        sr = -1
+        for p in self._data_paths:
+            sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, p, 0)
+            if sr > 0:
+                break
         if sr <= 0:
-            sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), 0)
-        if sr <= 0:
-            raise SynthesisError(f"espeak-ng: initialisation failed (data path {data})")
-        self.sample_rate = sr
-        self._chunks: list[np.ndarray] = []
-
-        def _callback(wav, n, _events):
-            if n > 0 and wav:
-                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0
-
-        self._callback = _SYNTH_CALLBACK(_callback)  # keep a reference: it must outlive the library
+            raise SynthesisError(f"espeak-ng: initialisation failed (data path {self._data_paths[-1]!r})")
         lib.espeak_SetSynthCallback(self._callback)
-        self._voice: str | None = None
+        # noise source: espeak-ng's own generator (exported since 1.51), seeded per utterance
+        self._set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+        if self._set_seed is not None:
+            self._set_seed.argtypes = [ctypes.c_long]
+            self._set_seed.restype = None
+        self.lib, self.sample_rate, self._voice = lib, sr, None
+
+    def _close(self) -> None:
+        lib, self.lib, self._voice = self.lib, None, None
+        if lib is None:
+            return
+        lib.espeak_Terminate()
+        handle = lib._handle
+        del lib
+        self._set_seed = None
+        self._dlclose(handle)
 
     def speak(self, voice: str, text: str, rate: int, pitch: int, prange: int) -> np.ndarray:
+        if self.lib is None:
+            self._open()
+        try:
+            return self._speak(voice, text, rate, pitch, prange)
+        finally:
+            if self.isolate:
+                self._close()
+
+    def _speak(self, voice: str, text: str, rate: int, pitch: int, prange: int) -> np.ndarray:
         lib = self.lib
         if voice != self._voice:
             if lib.espeak_SetVoiceByName(voice.encode()) != 0:
@@ -194,20 +247,23 @@ class _Espeak:
         lib.espeak_SetParameter(_ESPEAK_PITCH, int(pitch), 0)
         lib.espeak_SetParameter(_ESPEAK_RANGE, int(prange), 0)
         lib.espeak_SetParameter(_ESPEAK_VOLUME, 100, 0)
+        if self._set_seed is not None:
+            self._set_seed(zlib.crc32(f"{voice}|{rate}|{pitch}|{prange}|{text}".encode()) & 0x7FFFFFFF)
         self._chunks = []
         buf = ctypes.create_string_buffer(text.encode("utf-8"))
         err = lib.espeak_Synth(buf, len(buf), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None)
         if err != 0:
             raise SynthesisError(f"espeak:{voice}: espeak_Synth returned error {err}")
         lib.espeak_Synchronize()
-        if not self._chunks:
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
             return np.zeros(0, np.float32)
-        return np.concatenate(self._chunks).astype(np.float32) / 32768.0
+        return np.concatenate(chunks).astype(np.float32) / 32768.0
 
 
 @functools.lru_cache(maxsize=1)
 def _espeak() -> _Espeak:
-    return _Espeak()
+    return _Espeak(isolate=ESPEAK_ISOLATE)
 
 
 def _espeak_synth(v: Voice, text: str, speed: float, pitch: float) -> tuple[np.ndarray, int]:
@@ -288,6 +344,9 @@ FESTIVAL_VOICES = {
     "ked_diphone": ("voice_ked_diphone", "english/ked_diphone"),
     "cmu_us_slt_arctic_hts": ("voice_cmu_us_slt_arctic_hts", "us/cmu_us_slt_arctic_hts"),
 }
+# the recorded speaker behind a voice, shared across engines
+_FAMILY = {"kal16": "kal", "kal_diphone": "kal", "slt": "slt", "cmu_us_slt_arctic_hts": "slt",
+           "awb": "awb", "rms": "rms", "ked_diphone": "ked"}
 _FESTIVAL_VOICE_DIRS = ["/usr/share/festival/voices", "/usr/local/share/festival/voices"]
 
 
@@ -352,7 +411,8 @@ def _flite_voices() -> list[Voice]:
         listed = set(proc.stdout.decode(errors="replace").replace(":", " ").split())
     except Exception:
         return []
-    return [Voice(f"flite:{n}", "flite", "flite", {"name": n, "exe": exe}) for n in FLITE_VOICES if n in listed]
+    return [Voice(f"flite:{n}", "flite", "flite", {"name": n, "exe": exe, "family": _FAMILY.get(n, n)})
+            for n in FLITE_VOICES if n in listed]
 
 
 def _festival_voices() -> list[Voice]:
@@ -363,7 +423,8 @@ def _festival_voices() -> list[Voice]:
     for name, (fn, sub) in FESTIVAL_VOICES.items():
         if any(os.path.isdir(os.path.join(base, sub)) for base in _FESTIVAL_VOICE_DIRS):
             out.append(Voice(f"festival:{name}", "festival", "festival",
-                             {"fn": fn, "exe": exe, "hts": name.endswith("_hts")}))
+                             {"fn": fn, "exe": exe, "hts": name.endswith("_hts"),
+                              "family": _FAMILY.get(name, name)}))
     return out
 
 
