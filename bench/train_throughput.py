@@ -88,7 +88,8 @@ def part_a(args):
     print("| batches | audio-s/s | padded frames |\n|---|---|---|")
     print(f"| bucketing (max {cfg.data.max_duration:g} s) | {res['bucket_audio_s_per_s']} | "
           f"{100 * res['bucket_padded_fraction']:.1f}% |")
-    print(f"| random, fixed size {mean_bs} | {res['naive_audio_s_per_s']} | {100 * res['naive_padded_fraction']:.1f}% |")
+    print(f"| random, fixed size {mean_bs} | {res['naive_audio_s_per_s']} | "
+          f"{100 * res['naive_padded_fraction']:.1f}% |")
     emit("train_throughput_bucketing", res)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -231,6 +230,10 @@ def train_one_epoch(run: Run, progress=None) -> bool:
             progress.update(1)
             progress.set_postfix(loss=f"{acc_loss / max(1, acc_utts):.2f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
                                  ep=st.epoch)
+        if run.dist.is_main and progress is None and st.step % cfg.train.log_every == 0:
+            log.info("step %d epoch %d loss/utt %.3f lr %.2e grad-norm %.2f %.1f audio-s/s", st.step, st.epoch,
+                     acc_loss / max(1, acc_utts), run.scheduler.get_last_lr()[0], norm,
+                     sec / max(1e-9, now - t_step))
         if run.dist.is_main and run.writer is not None and st.step % cfg.train.log_every == 0:
             run.writer.add_scalar("train/loss_per_utt", acc_loss / max(1, acc_utts), st.step)
             run.writer.add_scalar("train/loss_per_frame", acc_loss / max(1, acc_frames), st.step)
