@@ -102,6 +102,7 @@ def cmd_eval(a) -> int:
     out_dir = Path(a.out) if a.out else Path(a.checkpoint).resolve().parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    report_sets = []
     for m in a.manifests:
         name = Path(m).stem
         records = read_manifest(m)
@@ -117,12 +118,23 @@ def cmd_eval(a) -> int:
         rep.update(set=name, hours=audio / 3600, rtf=dt / max(audio, 1e-9))
         write_errors(out_dir / f"errors-{name}.jsonl", records, refs, hyps)
         rows.append(rep)
+        if a.report:
+            from harken.report import SetResult
+
+            report_sets.append(SetResult(name, records, refs, hyps, rep))
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{'set':<16} {'utts':>6} {'words':>7} {'WER %':>7} {'CER %':>7} {'SER %':>7} {'RTF':>7}")
     for r in rows:
         print(f"{r['set']:<16} {r['num_utts']:>6} {r['num_words']:>7} {100 * r['wer']:>7.2f} "
               f"{100 * r['cer']:>7.2f} {100 * r['sentence_error_rate']:>7.2f} {r['rtf']:>7.4f}")
     print(f"\nper-utterance errors and results.json in {out_dir}")
+    if a.report:
+        from harken.report import find_exp_dir, write_report
+
+        exp_dir = find_exp_dir(a.checkpoint, rec.config.train.exp_dir)
+        page = write_report(a.report, report_sets, exp_dir=str(exp_dir) if exp_dir else None,
+                            max_worst=a.report_worst)
+        print(f"HTML report: {page}")
     return 0
 
 
@@ -184,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-duration", type=float, default=200.0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--report", default=None, metavar="DIR",
+                   help="also write a static HTML error-analysis report (index.html + audio/) here")
+    s.add_argument("--report-worst", type=int, default=30, help="worst utterances listed per set in the report")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("transcribe", help="transcribe audio files or folders")

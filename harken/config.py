@@ -86,6 +86,7 @@ class TrainConfig:
     average_last: int = 3  # average the last N checkpoints into avg.pt at the end (0 = off)
     progress: bool = True
     tensorboard: bool = True
+    dist_timeout_s: float = 1800.0  # torchrun runs: a collective waiting longer for a peer fails with a clear error
 
 
 @dataclass

@@ -16,9 +16,12 @@ class EncoderConfig:
     ``subsampling="conv2d4"``: two stride-2 3x3 convolutions without padding,
     ``T' = ((T - 1) // 2 - 1) // 2``.  ``subsampling_channels=0`` means
     ``d_model`` channels; fewer channels make the front-end cheaper.
+
+    The last five fields configure ``type="wav2vec2"`` (a pretrained Hugging Face encoder fed the
+    raw waveform); the defaults leave every other encoder unchanged.
     """
 
-    type: str = "conformer"  # "conformer" | "transformer"
+    type: str = "conformer"  # "conformer" | "transformer" | "wav2vec2"
     input_dim: int = 80
     d_model: int = 144
     num_layers: int = 6
@@ -34,6 +37,13 @@ class EncoderConfig:
     conv_norm: str = "layer_norm"  # "layer_norm" | "batch_norm"
     activation_checkpointing: bool = False
     causal: bool = False
+    # type="wav2vec2" only (ignored by the other encoders); see harken.models.wav2vec2.
+    # d_model is then taken from the pretrained config and `dropout` is applied to its output.
+    pretrained: str | None = None  # local Hugging Face checkpoint dir (config.json + weights)
+    freeze_feature_encoder: bool = True  # keep the conv waveform feature encoder fixed
+    layerdrop: float = 0.05  # probability of skipping each transformer layer while training
+    mask_time_prob: float = 0.05  # wav2vec2's own time masking of the projected features
+    encoder_lr_scale: float = 0.1  # encoder learning rate = optim.lr * this (the CTC head gets optim.lr)
 
     @property
     def channels(self) -> int:

@@ -1,26 +1,60 @@
 """Checkpoints: written to a temporary name, flushed, then renamed, so a crash never leaves a half
-file under a real name; found again by step number."""
+file under a real name; found again by step number.
+
+Why this is safe on shared storage (NFS, Lustre, CephFS) too:
+
+- the temporary file lives in the *same directory* as the final name, so ``os.replace`` is a rename
+  within one directory of one file system: a single metadata operation that POSIX, NFSv3/v4 (the
+  server performs RENAME atomically) and Lustre (one MDS operation) make atomic. Readers see either
+  the old file or the complete new one, never a mix; a temp file in /tmp would make the rename a
+  cross-device copy, which is not atomic;
+- the data is ``fsync``-ed before the rename. On NFS, close/fsync flushes the client's dirty pages to
+  the server (close-to-open consistency), so a reader on another node that opens the new name after
+  the rename sees the whole content; without it a rename could reach the server before the data;
+- the directory is ``fsync``-ed after the rename, so the new name survives a crash of the writer's
+  node (on NFS the rename is already synchronous on the server; the fsync is cheap);
+- the temporary name carries host name and pid: two writers (two nodes, or a restarted job and a
+  zombie) never write into the same temporary file, and temp names never match ``CKPT_RE``, so a
+  save killed halfway leaves only a ``.step-*.tmp*`` file that readers ignore and
+  ``remove_stale_temps`` deletes at the next start.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
+import socket
+import time
 from pathlib import Path
 
 import torch
 
 CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
+TMP_RE = re.compile(r"^\..+\.tmp[-.\w]*$")
+log = logging.getLogger("harken")
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
+def atomic_save(obj, path: str | os.PathLike, *, _kill_before_rename: bool = False) -> None:
+    """``torch.save`` to ``path`` atomically (temp file in the same directory, fsync, rename, fsync dir).
+
+    ``_kill_before_rename`` is a testing hook: the process SIGKILLs itself after the temporary file
+    is complete and before the rename (a crash at the worst moment)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX filesystems, NFS and Lustre included
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if _kill_before_rename:
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, path)  # atomic within one directory, NFS and Lustre included
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an exception (disk full...): leave no litter; SIGKILL leaves it
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -29,6 +63,35 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temps(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left by saves that were killed (call only while nobody is saving)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    gone = [p for p in d.iterdir() if TMP_RE.match(p.name)]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def wait_for_file(path: str | os.PathLike, timeout_s: float = 30.0) -> Path:
+    """``path`` once it is visible. Another node's fresh file can be hidden for a few seconds by
+    NFS attribute/negative-lookup caches; after ``timeout_s`` the error says what is wrong."""
+    path = Path(path)
+    t0 = time.time()
+    while not path.exists():
+        if time.time() - t0 > timeout_s:
+            raise FileNotFoundError(
+                f"{path} (chosen by rank 0) is not visible on {socket.gethostname()} after {timeout_s:.0f} s: "
+                "train.exp_dir must be on storage shared by all nodes (NFS, Lustre, CephFS)")
+        time.sleep(0.5)
+        try:  # re-listing the directory refreshes NFS's cached view of it
+            os.listdir(path.parent)
+        except OSError:
+            pass
+    return path
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -50,9 +113,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
             torch.load(p, map_location="cpu", weights_only=False, mmap=True)
             return p
         except Exception:  # a file damaged after the rename (disk full, bit rot): skip it, loudly
-            import logging
-
-            logging.getLogger("harken").warning("skipping unreadable checkpoint %s", p)
+            log.warning("skipping unreadable checkpoint %s", p)
     return None
 
 

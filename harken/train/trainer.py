@@ -4,6 +4,30 @@
 and runs ``train_one_epoch`` until ``max_steps``/``max_epochs``/``max_minutes``. A checkpoint holds
 everything that shapes the run (model, optimizer, scheduler, scaler, sampler position, RNG states,
 counters, config, tokenizer), so a resumed run continues the same loss curve.
+
+Distributed (``torchrun``; see docs/distributed.md). Each optimizer step consumes, on every rank,
+``optim.accum_steps`` micro-batches; the *global batch* of a step is those micro-batches on all
+ranks (rank r trains the sampler's global batches r, r+W, r+2W, ...). Two rules make a run with W
+processes compute the same update as one process that accumulates the same batches:
+
+- loss normalisation: before the micro-batches run, the ranks agree (one small all_reduce) on the
+  number of utterances N in the global batch; each micro-batch contributes ``sum(losses) * W / N``.
+  DDP averages gradients over the W ranks, so the update is the gradient of the mean per-utterance
+  loss over the whole global batch, whatever the batch sizes on each rank;
+- randomness: dropout and SpecAugment draw from torch's RNG, which is reseeded for every
+  micro-batch from (seed, epoch, global batch index), so a batch gets the same masks on whichever
+  rank (or world size) trains it. Per-rank RNG states are still saved and restored for anything
+  else that draws from the global generators.
+
+Only rank 0 logs (other ranks log warnings), evaluates and writes checkpoints; every rank resumes
+from the checkpoint rank 0 chose. A collective that fails because a peer is gone raises
+``PeerLostError`` with what to do.
+
+Testing hook: ``HARKEN_FAULT_AT_STEP=N`` makes rank ``HARKEN_FAULT_RANK`` (default: the last rank)
+SIGKILL itself during optimizer step N (after its first forward), once per exp_dir (a marker file
+``.harken-fault-*`` records that it happened, so the restarted job runs through).
+``HARKEN_FAULT_PHASE=save`` instead kills rank 0 inside the checkpoint save at step N, after the
+temporary file is written and before the rename.
 """
 
 from __future__ import annotations
@@ -11,7 +35,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +57,18 @@ from harken.models.ctc import CtcModel, ctc_loss
 from harken.text.normalize import normalize_text
 from harken.text.tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_dict
 from harken.train import checkpoint as ckpt
-from harken.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from harken.train.distributed import (
+    DistInfo,
+    PeerLostError,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    collective,
+    env_world,
+    gather_objects,
+    init_distributed,
+)
 from harken.train.schedule import lr_factor
 
 log = logging.getLogger("harken")
@@ -132,6 +170,9 @@ class Run:
     writer: object = None
     dev_records: list = field(default_factory=list)
     start_wall: float = field(default_factory=time.time)
+    time_up: bool = False  # max_minutes reached on some rank (agreed on by all ranks)
+    last_saved_step: int = -1
+    step_clock: float = field(default_factory=time.time)  # start of the current step's wall time
 
 
 def rng_state() -> dict:
@@ -153,6 +194,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def seed_for_batch(seed: int, epoch: int, global_index: int) -> None:
+    """Reseed torch's RNG (dropout, SpecAugment) for one micro-batch from its global identity."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, global_index]).generate_state(1, np.uint64)[0]))
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -181,89 +227,158 @@ def optimizer_step(run: Run) -> float:
     return float(norm)
 
 
+def maybe_inject_fault(run: Run, phase: str) -> bool:
+    """Testing hook (see the module docstring): True when this process should die now (phase
+    'save' kills inside the save), else False; for phase 'step' it kills right away."""
+    at = os.environ.get("HARKEN_FAULT_AT_STEP")
+    if not at or os.environ.get("HARKEN_FAULT_PHASE", "step") != phase or run.state.step + (phase == "step") != int(at):
+        return False
+    victim = 0 if phase == "save" else int(os.environ.get("HARKEN_FAULT_RANK", run.dist.world_size - 1))
+    if run.dist.rank != victim:
+        return False
+    marker = run.exp_dir / f".harken-fault-{phase}-step{at}-rank{victim}"
+    if marker.exists():
+        return False
+    with open(marker, "w") as f:
+        f.write(f"{time.time()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning("HARKEN_FAULT_AT_STEP=%s: rank %d kills itself (%s phase)", at, run.dist.rank, phase)
+    if phase == "step":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def train_step(run: Run, window: list) -> tuple[float, float, float, int]:
+    """One optimizer step over this rank's ``accum_steps`` micro-batches ``window``.
+
+    Returns (gradient norm, audio seconds of the global batch, summed loss of this rank's finite
+    utterances, number of those utterances)."""
+    cfg, st, info = run.cfg, run.state, run.dist
+    w = info.world_size
+    # agree on the global batch: utterance count (for the loss), audio seconds (for logs), and
+    # whether any rank ran out of wall time (so all ranks stop at the same step)
+    local = torch.tensor([sum(len(b.ids) for b in window), sum(b.seconds for b in window),
+                          float(time_is_up(run))], dtype=torch.float64)
+    n_utts, seconds, time_up = all_reduce_sum(local, info, f"step {st.step + 1}: agree on the global batch").tolist()
+    scale = w / max(1.0, n_utts)  # DDP divides the summed gradients by w
+    loss_sum, n_ok_sum = 0.0, 0
+    with collective(info, f"step {st.step + 1}: forward/backward with the DDP gradient all-reduce"):
+        for i, batch in enumerate(window):
+            batch = batch.to(run.device)
+            seed_for_batch(cfg.train.seed, st.epoch, st.batch_in_epoch * w + info.rank)
+            last = i == len(window) - 1
+            sync = contextlib.nullcontext() if (last or not info.enabled) else run.model.no_sync()
+            with sync:
+                per_utt, out_lens, _ = compute_loss(run, batch)
+                if i == 0:
+                    maybe_inject_fault(run, "step")
+                # a non-finite loss, or too few output frames for the labels (CTC would be infinite;
+                # zero_infinity hides it), is skipped and counted, never fatal
+                finite = torch.isfinite(per_utt) & (out_lens >= batch.target_lens)
+                n_ok = int(finite.sum())
+                if n_ok < len(per_utt):
+                    st.nonfinite_skipped += len(per_utt) - n_ok
+                    log.warning("step %d: %d utterance losses skipped as non-finite or infeasible (%s)", st.step,
+                                len(per_utt) - n_ok, [u for u, f in zip(batch.ids, finite.tolist()) if not f])
+                total = torch.where(finite, per_utt, torch.zeros_like(per_utt)).sum()
+                run.scaler.scale(total * scale).backward()
+            loss_sum += float(total.detach())
+            n_ok_sum += n_ok
+            st.batch_in_epoch += 1
+    norm = optimizer_step(run)
+    if not math.isfinite(norm):
+        st.nonfinite_skipped += 1
+        log.warning("step %d: non-finite gradient norm, update skipped", st.step)
+    st.step += 1
+    st.audio_seconds += seconds
+    if time_up:
+        run.time_up = True
+    return norm, seconds, loss_sum, n_ok_sum
+
+
+def log_step(run: Run, norm: float, seconds: float, loss_sum: float, n_ok: int, elapsed: float, progress) -> None:
+    """Progress bar / log line / TensorBoard on rank 0, with the loss averaged over all ranks."""
+    cfg, st = run.cfg, run.state
+    if st.step % cfg.train.log_every and progress is None:
+        return
+    if st.step % cfg.train.log_every == 0:  # every rank reaches this step: a safe place for a collective
+        t = all_reduce_sum(torch.tensor([loss_sum, n_ok], dtype=torch.float64), run.dist,
+                           f"step {st.step}: average the loss for logging")
+        loss_sum, n_ok = t.tolist()
+    if not run.dist.is_main:
+        return
+    loss = loss_sum / max(1, n_ok)
+    lr = run.scheduler.get_last_lr()[0]
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.2f}", lr=f"{lr:.2e}", ep=st.epoch)
+    if st.step % cfg.train.log_every:
+        return
+    if progress is None:
+        log.info("step %d epoch %d loss/utt %.3f lr %.2e grad-norm %.2f %.1f audio-s/s", st.step, st.epoch,
+                 loss, lr, norm, seconds / max(1e-9, elapsed))
+    if run.writer is not None:
+        run.writer.add_scalar("train/loss_per_utt", loss, st.step)
+        run.writer.add_scalar("train/lr", lr, st.step)
+        run.writer.add_scalar("train/grad_norm", norm, st.step)
+        run.writer.add_scalar("train/audio_seconds_per_second", seconds / max(1e-9, elapsed), st.step)
+        run.writer.add_scalar("train/nonfinite_skipped", st.nonfinite_skipped, st.step)
+
+
 def train_one_epoch(run: Run, progress=None) -> bool:
-    """Train until the epoch's batches run out or a stop condition holds; True when training is done."""
+    """Train until the epoch's batches run out or a stop condition holds; True when training is done.
+
+    Every rank gets the same number of batches (the sampler truncates), so all ranks run the same
+    number of steps. A tail of fewer than ``accum_steps`` batches at the end of the epoch is not
+    trained on (it would leak half-accumulated gradients into the next epoch's first step)."""
     cfg, st = run.cfg, run.state
     accum = max(1, cfg.optim.accum_steps)
     run.sampler.set_epoch(st.epoch)
-    loader = make_loader(run.dataset, run.sampler, cfg.data.num_workers)
+    steps_left = (len(run.sampler) - st.batch_in_epoch) // accum
     run.model.train()
-    micro = 0
-    acc_loss = acc_utts = acc_frames = 0.0
-    t_step = time.time()
-    seconds_in_step = 0.0
-    for batch in loader:
-        batch = batch.to(run.device)
-        last_micro = micro == accum - 1
-        sync = contextlib.nullcontext() if (last_micro or not run.dist.enabled) else run.model.no_sync()
-        with sync:
-            per_utt, out_lens, frames = compute_loss(run, batch)
-            # a non-finite loss, or too few output frames for the labels (CTC would be infinite;
-            # zero_infinity hides it), is skipped and counted, never fatal
-            finite = torch.isfinite(per_utt) & (out_lens >= batch.target_lens)
-            n_ok = int(finite.sum())
-            if n_ok < len(per_utt):
-                st.nonfinite_skipped += len(per_utt) - n_ok
-                log.warning("step %d: %d utterance losses skipped as non-finite or infeasible (%s)", st.step,
-                            len(per_utt) - n_ok, [i for i, f in zip(batch.ids, finite.tolist()) if not f])
-            loss = torch.where(finite, per_utt, torch.zeros_like(per_utt)).sum() / max(1, len(per_utt))
-            run.scaler.scale(loss / accum).backward()
-        acc_loss += float(loss.detach()) * len(per_utt)
-        acc_utts += n_ok
-        acc_frames += frames
-        seconds_in_step += batch.seconds
-        st.batch_in_epoch += 1
-        micro += 1
-        if micro < accum:
-            continue
-        micro = 0
-        norm = optimizer_step(run)
-        if not math.isfinite(norm):
-            st.nonfinite_skipped += 1
-            log.warning("step %d: non-finite gradient norm, update skipped", st.step)
-        st.step += 1
-        sec = all_reduce_sum(torch.tensor([seconds_in_step], dtype=torch.float64), run.dist).item()
-        st.audio_seconds += sec
-        now = time.time()
-        st.train_seconds += now - t_step
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{acc_loss / max(1, acc_utts):.2f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                                 ep=st.epoch)
-        if run.dist.is_main and progress is None and st.step % cfg.train.log_every == 0:
-            log.info("step %d epoch %d loss/utt %.3f lr %.2e grad-norm %.2f %.1f audio-s/s", st.step, st.epoch,
-                     acc_loss / max(1, acc_utts), run.scheduler.get_last_lr()[0], norm,
-                     sec / max(1e-9, now - t_step))
-        if run.dist.is_main and run.writer is not None and st.step % cfg.train.log_every == 0:
-            run.writer.add_scalar("train/loss_per_utt", acc_loss / max(1, acc_utts), st.step)
-            run.writer.add_scalar("train/loss_per_frame", acc_loss / max(1, acc_frames), st.step)
-            run.writer.add_scalar("train/lr", run.scheduler.get_last_lr()[0], st.step)
-            run.writer.add_scalar("train/grad_norm", norm, st.step)
-            run.writer.add_scalar("train/audio_seconds_per_second", sec / max(1e-9, now - t_step), st.step)
-            run.writer.add_scalar("train/nonfinite_skipped", st.nonfinite_skipped, st.step)
-        acc_loss = acc_utts = acc_frames = 0.0
-        seconds_in_step = 0.0
-        done = stop_reason(run) is not None
-        if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and not done:
-            validate_and_track(run)
-        if st.step % cfg.train.checkpoint_every == 0 or done:
-            save_checkpoint(run)
-        t_step = time.time()
-        if done:
-            return True
+    window: list = []
+    run.step_clock = time.time()
+    if steps_left > 0:
+        for batch in make_loader(run.dataset, run.sampler, cfg.data.num_workers):
+            window.append(batch)
+            if len(window) < accum:
+                continue
+            norm, seconds, loss_sum, n_ok = train_step(run, window)
+            window = []
+            steps_left -= 1
+            now = time.time()
+            st.train_seconds += now - run.step_clock
+            log_step(run, norm, seconds, loss_sum, n_ok, now - run.step_clock, progress)
+            done = stop_reason(run) is not None
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and not done:
+                validate_and_track(run)
+            if st.step % cfg.train.checkpoint_every == 0 or done:
+                save_checkpoint(run)
+            run.step_clock = time.time()
+            if done:
+                return True
+            if steps_left == 0:
+                break
     # the epoch is over
     st.epoch += 1
     st.batch_in_epoch = 0
     return stop_reason(run) is not None
 
 
+def time_is_up(run: Run) -> bool:
+    tc = run.cfg.train
+    return tc.max_minutes is not None and (time.time() - run.start_wall) / 60 >= tc.max_minutes
+
+
 def stop_reason(run: Run) -> str | None:
+    """Why training stops now, or None. Depends only on state all ranks agree on."""
     st, tc = run.state, run.cfg.train
     if st.step >= tc.max_steps:
         return f"reached max_steps={tc.max_steps}"
     if st.epoch >= tc.max_epochs:
         return f"reached max_epochs={tc.max_epochs}"
-    if tc.max_minutes is not None and (time.time() - run.start_wall) / 60 >= tc.max_minutes:
+    if run.time_up:
         return f"reached max_minutes={tc.max_minutes}"
     return None
 
@@ -291,7 +406,7 @@ def validate_and_track(run: Run) -> None:
             if rep["wer"] < st.best_wer:
                 st.best_wer, st.best_step = rep["wer"], st.step
                 ckpt.atomic_save(model_only(run), run.exp_dir / "best.pt")
-    barrier(run.dist)
+    barrier(run.dist, f"step {run.state.step}: wait for rank 0 to evaluate")
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -302,8 +417,11 @@ def model_only(run: Run, state_dict: dict | None = None) -> dict:
 
 
 def save_checkpoint(run: Run) -> Path | None:
+    """Rank 0 writes everything that shapes the run, including every rank's RNG state (gathered,
+    a few KB per rank); all ranks wait for the write to finish."""
     st = run.state
     path = run.exp_dir / "checkpoints" / f"step-{st.step:08d}.pt"
+    rngs = gather_objects(rng_state(), run.dist, f"step {st.step}: gather RNG states for the checkpoint")
     if run.dist.is_main:
         obj = model_only(run)
         obj.update({
@@ -311,19 +429,26 @@ def save_checkpoint(run: Run) -> Path | None:
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
             "sampler": {**run.sampler.state_dict(), "epoch": st.epoch, "consumed": st.batch_in_epoch},
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
             "state": asdict(st),
             "world_size": run.dist.world_size,
+            "accum_steps": run.cfg.optim.accum_steps,
         })
-        ckpt.atomic_save(obj, path)
+        ckpt.atomic_save(obj, path, _kill_before_rename=maybe_inject_fault(run, "save"))
         ckpt.prune_checkpoints(path.parent, run.cfg.train.keep_last)
         log.info("saved %s", path)
-    barrier(run.dist)
+    barrier(run.dist, f"step {st.step}: wait for rank 0 to write {path.name}")
+    run.last_saved_step = st.step
     return path
 
 
 def restore(run: Run, path: Path) -> None:
+    """Load a checkpoint into ``run`` on every rank. Same world size: each rank gets back exactly its
+    RNG state and sampler position. Other world size: see ``BucketSampler.load_state_dict`` (the
+    same global position in the epoch, rounded down to a whole number of batches per rank)."""
     obj = ckpt.load_checkpoint(path)
+    info = run.dist
     run.core.load_state_dict(obj["model"])
     run.optimizer.load_state_dict(obj["optimizer"])
     run.scheduler.load_state_dict(obj["scheduler"])
@@ -331,11 +456,28 @@ def restore(run: Run, path: Path) -> None:
     run.sampler.load_state_dict(obj["sampler"])
     run.state = TrainState(**obj["state"])
     run.state.batch_in_epoch = run.sampler.state_dict()["consumed"]
-    set_rng_state(obj["rng"])
+    run.last_saved_step = run.state.step
+    rngs = obj.get("rng_per_rank") or [obj["rng"]]
     old_ws = obj.get("world_size", 1)
-    if old_ws != run.dist.world_size and run.dist.is_main:
-        log.warning("resumed a world_size=%d run with world_size=%d: the sampler continues from the same "
-                    "global position, batches are dealt anew", old_ws, run.dist.world_size)
+    if info.rank < len(rngs):
+        set_rng_state(rngs[info.rank])
+    else:  # a new rank: a fresh stream of its own (training randomness is per batch anyway)
+        seed_everything(run.cfg.train.seed + 1_000_003 * info.rank + run.state.step)
+    if old_ws != info.world_size and info.is_main:
+        old_consumed = int(obj["sampler"]["consumed"])
+        old_accum = int(obj.get("accum_steps", run.cfg.optim.accum_steps))
+        new_accum = max(1, run.cfg.optim.accum_steps)
+        log.warning(
+            "resuming a world_size=%d checkpoint with world_size=%d: epoch %d position %d batches x %d ranks = "
+            "global batch %d becomes %d batches per rank (global %d; %d batch(es) seen again); the global batch "
+            "per optimizer step changes from %d to %d micro-batches (set optim.accum_steps=%s to keep it); RNG "
+            "states restored for ranks < %d, fresh seeds for the others; the LR schedule continues at step %d",
+            old_ws, info.world_size, run.state.epoch, old_consumed, old_ws, old_consumed * old_ws,
+            run.state.batch_in_epoch, run.state.batch_in_epoch * info.world_size,
+            old_consumed * old_ws - run.state.batch_in_epoch * info.world_size,
+            old_ws * old_accum, info.world_size * new_accum,
+            f"{old_ws * old_accum / info.world_size:g}" if (old_ws * old_accum) % info.world_size == 0
+            else "(not possible exactly)", len(rngs), run.state.step)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.state.step, run.state.epoch,
              run.state.batch_in_epoch)
 
@@ -355,10 +497,16 @@ def average_last(run: Run, n: int) -> Path | None:
 # ------------------------------------------------------------------------------------ main
 def setup(cfg: ExperimentConfig) -> Run:
     device = pick_device(cfg.train.device)
-    info = init_distributed(device)
+    rank, world, local_rank = env_world()
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible on "
+                               f"{socket.gethostname()}: use --nproc-per-node <= the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before joining, so NCCL binds this rank's GPU
+    info = init_distributed(device, cfg.train.dist_timeout_s)
+    if not info.is_main:  # only rank 0 logs; the others still report warnings and errors
+        log.setLevel(logging.WARNING)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     precision = pick_precision(cfg.train.precision, device)
@@ -367,7 +515,18 @@ def setup(cfg: ExperimentConfig) -> Run:
     seed_everything(cfg.train.seed)
 
     records = load_train_records(cfg)
-    resume_path = ckpt.latest_checkpoint(exp_dir / "checkpoints")
+    # rank 0 chooses the checkpoint to resume from and tells the others (their view of a shared
+    # directory may lag behind, and they must all load the same one)
+    resume_path = None
+    if info.is_main:
+        stale = ckpt.remove_stale_temps(exp_dir / "checkpoints")
+        if stale:
+            log.warning("removed %d temporary file(s) of interrupted checkpoint saves: %s", len(stale),
+                        ", ".join(p.name for p in stale))
+        resume_path = ckpt.latest_checkpoint(exp_dir / "checkpoints")
+    resume_path = broadcast_object(None if resume_path is None else str(resume_path), info, "choose the checkpoint")
+    if resume_path is not None:
+        resume_path = ckpt.wait_for_file(resume_path)
     resume_obj = ckpt.load_checkpoint(resume_path) if resume_path else None
 
     # tokenizer: from the checkpoint when resuming, else from a given path, else built from the text
@@ -394,9 +553,17 @@ def setup(cfg: ExperimentConfig) -> Run:
     model: torch.nn.Module = core
     if info.enabled:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in core.modules()):
-            core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+            if device.type == "cuda":  # batch statistics over the global batch, not each rank's slice
+                core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+            elif info.is_main:  # torch's SyncBatchNorm runs on GPUs only
+                log.warning("batch norm on CPU ranks keeps per-rank batch statistics (SyncBatchNorm needs CUDA); "
+                            "model.encoder.conv_norm=layer_norm avoids the difference")
+        # DDP broadcasts rank 0's parameters and buffers here, so all ranks start identical; gradients
+        # are averaged in 25 MB buckets while the backward pass is still running
         model = torch.nn.parallel.DistributedDataParallel(
             core, device_ids=[device.index] if device.type == "cuda" else None)
+    if info.rank:  # a distinct stream per rank for anything outside the per-batch seeding
+        seed_everything(cfg.train.seed + 1_000_003 * info.rank)
 
     oc = cfg.optim
     decay, no_decay = [], []
@@ -417,6 +584,10 @@ def setup(cfg: ExperimentConfig) -> Run:
                             shuffle=True, seed=cfg.train.seed, max_utt_duration=dc.max_utt_duration,
                             min_utt_duration=dc.min_utt_duration, weights=weights,
                             world_size=info.world_size, rank=info.rank, max_batch_size=dc.max_batch_size)
+    if len(sampler) < max(1, cfg.optim.accum_steps):
+        raise ValueError(f"an epoch gives each of the {info.world_size} rank(s) {len(sampler)} batch(es), fewer "
+                         f"than optim.accum_steps={cfg.optim.accum_steps}: lower data.max_duration or "
+                         "accum_steps, or add data")
     if sampler.num_filtered and info.is_main:
         log.info("%d utterances outside [%.1f, %.1f] s are not trained on", sampler.num_filtered,
                  dc.min_utt_duration, dc.max_utt_duration)
@@ -445,13 +616,23 @@ def setup(cfg: ExperimentConfig) -> Run:
 
 
 def train(cfg: ExperimentConfig) -> Run:
+    """Build, resume if possible, train, save, evaluate. Under torchrun, failures are also written to
+    torchrun's error file so its summary names the rank that failed first."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_train)(cfg)
+    return _train(cfg)
+
+
+def _train(cfg: ExperimentConfig) -> Run:
     run = setup(cfg)
     st = run.state
     nparams = sum(p.numel() for p in run.core.parameters())
     if run.dist.is_main:
-        log.info("model: %s, %.2fM parameters, vocab %d, device %s, precision %s, world %d",
+        log.info("model: %s, %.2fM parameters, vocab %d, device %s, precision %s, world %d (%s)",
                  cfg.model.encoder.type, nparams / 1e6, run.tokenizer.vocab_size, run.device,
-                 run.precision, run.dist.world_size)
+                 run.precision, run.dist.world_size, run.dist.backend)
     progress = None
     if cfg.train.progress and run.dist.is_main:
         from tqdm import tqdm
@@ -463,15 +644,18 @@ def train(cfg: ExperimentConfig) -> Run:
         while reason is None:
             train_one_epoch(run, progress)
             reason = stop_reason(run)
+    except PeerLostError as e:
+        log.error("%s", e)
+        raise
     finally:
         if progress is not None:
             progress.close()
+    st = run.state
     if run.dist.is_main:
         log.info("training stopped: %s; %d steps, %.0f audio-seconds in %.0f s (%.1f audio-s/s), "
                  "%d non-finite skipped", reason, st.step, st.audio_seconds, st.train_seconds,
                  st.audio_seconds / max(1e-9, st.train_seconds), st.nonfinite_skipped)
-    latest = ckpt.latest_checkpoint(run.exp_dir / "checkpoints")
-    if latest is None or ckpt.CKPT_RE.match(latest.name) and int(ckpt.CKPT_RE.match(latest.name).group(1)) != st.step:
+    if run.last_saved_step != st.step:
         save_checkpoint(run)
     validate_and_track(run)
     if run.dist.is_main and cfg.train.average_last > 1:

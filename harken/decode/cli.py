@@ -1,0 +1,123 @@
+"""Command-line pieces for decoding: ``harken lm build``, ``harken tune`` and the shared decoding
+options of ``harken eval`` / ``harken transcribe``.
+
+    from harken.decode.cli import add_commands, add_decode_args, decode_config_from_args
+    add_commands(sub)                 # in build_parser(), after the other subparsers
+    add_decode_args(eval_parser)      # --decode --lm --lm-weight --word-bonus --beam-size --hotword
+    cfg = decode_config_from_args(a)  # a harken.decode.DecodeConfig
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--decode", choices=["greedy", "beam", "beam_lm"], default=None,
+                   help="decoding method (default: greedy; beam_lm when --lm is given)")
+    g.add_argument("--lm", default=None, help="word n-gram LM (ARPA) for --decode beam_lm")
+    g.add_argument("--lm-weight", type=float, default=0.5, help="LM weight (natural-log LM score)")
+    g.add_argument("--word-bonus", type=float, default=0.0, help="score added per word with an LM")
+    g.add_argument("--beam-size", type=int, default=8)
+    g.add_argument("--hotword", action="append", default=[], metavar="PHRASE[:BOOST]",
+                   help="bias the beam search towards PHRASE, BOOST per token (default 2.0); repeatable")
+    g.add_argument("--hotwords-file", default=None, help="file with one PHRASE[:BOOST] per line")
+
+
+def decode_config_from_args(a: argparse.Namespace):
+    from harken.decode import DecodeConfig
+    from harken.decode.context import parse_hotword
+
+    specs = list(getattr(a, "hotword", None) or [])
+    if getattr(a, "hotwords_file", None):
+        with open(a.hotwords_file, encoding="utf-8") as f:
+            specs += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    hot = [parse_hotword(s) for s in specs]
+    method = a.decode or ("beam_lm" if a.lm else ("beam" if hot else "greedy"))
+    if method == "beam_lm" and not a.lm:
+        raise ValueError("--decode beam_lm needs --lm PATH")
+    if a.lm and not Path(a.lm).exists():
+        raise FileNotFoundError(f"language model {a.lm} not found")
+    return DecodeConfig(method=method, beam_size=a.beam_size, lm_path=a.lm, lm_weight=a.lm_weight,
+                        word_bonus=a.word_bonus, hotwords=hot).validate()
+
+
+# ------------------------------------------------------------------------------------ lm build
+def cmd_lm_build(a) -> int:
+    from harken.decode.lm import build_lm
+
+    if not Path(a.text).exists():
+        raise FileNotFoundError(f"text file {a.text} not found")
+    t0 = time.time()
+    use = False if a.builtin else None
+    which = build_lm(a.text, a.order, a.out, normalize=not a.no_normalize, use_lmplz=use)
+    counts = []
+    with open(a.out, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("ngram "):
+                counts.append(int(line.split("=")[1]))
+            elif line.startswith("\\1-grams"):
+                break
+    print(json.dumps({"arpa": str(a.out), "order": a.order, "estimator": which, "ngrams": counts,
+                      "seconds": round(time.time() - t0, 2)}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ tune
+def cmd_tune(a) -> int:
+    from harken.data.manifest import read_manifest
+    from harken.decode.context import parse_hotword
+    from harken.decode.tune import grid_search, log_probs_for_records
+    from harken.recognizer import Recognizer
+    from harken.text.normalize import normalize_text
+
+    if not Path(a.lm).exists():
+        raise FileNotFoundError(f"language model {a.lm} not found")
+    rec = Recognizer.load(a.checkpoint, num_threads=a.threads or None)
+    records = read_manifest(a.manifest)
+    refs = [normalize_text(r.text) for r in records]
+    lps = log_probs_for_records(rec.model, records, max_duration=a.max_duration)
+    table: list = []
+    w, b, wer = grid_search(lps, refs, rec.tokenizer, a.lm, a.lm_weights, a.word_bonuses,
+                            beam_size=a.beam_size, hotwords=[parse_hotword(s) for s in a.hotword],
+                            table=table)
+    for tw, tb, twer in table:
+        print(f"lm_weight={tw:<6g} word_bonus={tb:<6g} WER={100 * twer:6.2f}%")
+    print(json.dumps({"lm_weight": w, "word_bonus": b, "wer": round(wer, 4), "utts": len(records)}))
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add ``lm`` (``lm build``) and ``tune`` to harken's subparsers."""
+    s = sub.add_parser("lm", help="word n-gram language models")
+    lsub = s.add_subparsers(dest="lm_cmd", required=True)
+    b = lsub.add_parser("build", help="estimate an interpolated modified Kneser-Ney ARPA model")
+    b.add_argument("--text", required=True, help="training text, one sentence per line")
+    b.add_argument("--order", type=int, default=3)
+    b.add_argument("--out", required=True, help="ARPA file to write")
+    b.add_argument("--no-normalize", action="store_true", help="use lines as they are (no normalize_text)")
+    b.add_argument("--builtin", action="store_true", help="use harken's estimator even if lmplz is on PATH")
+    b.set_defaults(func=cmd_lm_build)
+
+    t = sub.add_parser("tune", help="grid-search LM weight and word bonus on a dev manifest")
+    t.add_argument("--checkpoint", required=True)
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--lm", required=True)
+    t.add_argument("--lm-weights", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
+    t.add_argument("--word-bonuses", type=_floats, default=[-1.0, 0.0, 1.0, 2.0])
+    t.add_argument("--beam-size", type=int, default=8)
+    t.add_argument("--hotword", action="append", default=[], metavar="PHRASE[:BOOST]")
+    t.add_argument("--max-duration", type=float, default=200.0)
+    t.add_argument("--threads", type=int, default=0)
+    t.set_defaults(func=cmd_tune)
