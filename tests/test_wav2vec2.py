@@ -95,6 +95,21 @@ def test_encoder_matches_hf_and_ignores_padding(pretrained_dir, records):
         build_wav2vec2_ctc(EncoderConfig(type="wav2vec2"), 11)
 
 
+def test_checkpoint_feature_extractor_settings_are_honoured(pretrained_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "nonorm"
+    shutil.copytree(pretrained_dir, d)
+    (d / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "sampling_rate": 16000}))
+    assert build_wav2vec2_ctc(w2v_cfg(d), 5).encoder.normalize is False
+    (d / "preprocessor_config.json").unlink()  # transformers 5 layout: processor_config.json
+    (d / "processor_config.json").write_text(json.dumps({"feature_extractor": {"sampling_rate": 8000}}))
+    with pytest.raises(ValueError, match="8000 Hz"):
+        build_wav2vec2_ctc(w2v_cfg(d), 5)
+    (d / "processor_config.json").unlink()
+    assert build_wav2vec2_ctc(w2v_cfg(d), 5).encoder.normalize is True  # nothing said: normalise
+
+
 def test_layerdrop_and_time_masking_only_in_training(pretrained_dir):
     model = build_wav2vec2_ctc(w2v_cfg(pretrained_dir, layerdrop=0.5, mask_time_prob=0.3), 11)
     enc = model.encoder
