@@ -12,7 +12,7 @@ DEMO_CFG ?= configs/demo.yaml
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[voices,export,dev]'
+	$(BIN)/pip install -q -e '.[voices,export,wav2vec2,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -145,7 +145,12 @@ def cmd_transcribe(a) -> int:
     files = find_audio(a.inputs)
     if not files:
         raise FileNotFoundError(f"no audio files in {a.inputs}")
-    rec = Recognizer.load(a.checkpoint, num_threads=a.threads)
+    if a.model:
+        from harken.models.hf_wav2vec2 import HFWav2Vec2Recognizer
+
+        rec = HFWav2Vec2Recognizer.load(a.model, num_threads=a.threads)
+    else:
+        rec = Recognizer.load(a.checkpoint, num_threads=a.threads)
     results = rec.transcribe_batch(files, max_duration=a.max_duration)
     for t in results:
         if a.format == "json":
@@ -202,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("transcribe", help="transcribe audio files or folders")
-    s.add_argument("--checkpoint", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="a harken checkpoint (.pt)")
+    g.add_argument("--model", help="a fine-tuned Hugging Face Wav2Vec2ForCTC directory with its processor")
     s.add_argument("inputs", nargs="+")
     s.add_argument("--format", choices=["text", "json"], default="text")
     s.add_argument("--max-duration", type=float, default=200.0)

@@ -94,6 +94,9 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     # importing the modules populates the registry
     from harken.models import conformer, transformer  # noqa: F401
 
+    if cfg.type == "wav2vec2":  # imported lazily: it needs the optional `transformers` package
+        from harken.models import wav2vec2  # noqa: F401
+
     if cfg.type not in ENCODERS:
         raise KeyError(f"unknown encoder type {cfg.type!r}; known: {sorted(ENCODERS)}")
     return ENCODERS[cfg.type](cfg)

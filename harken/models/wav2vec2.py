@@ -128,7 +128,8 @@ class Wav2Vec2Encoder(nn.Module):
         if cfg.freeze_feature_encoder:
             self.model.freeze_feature_encoder()
         if cfg.activation_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5
+            (enable or self.model.gradient_checkpointing_enable)()
         self.dropout = nn.Dropout(cfg.dropout)
         cfg.d_model = int(hf.hidden_size)  # the CTC head is sized from this
         self.d_model = cfg.d_model
