@@ -16,7 +16,6 @@ per mode is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -140,7 +140,10 @@ def cmd_eval(a) -> int:
 
 # ------------------------------------------------------------------------------------ transcribe
 def cmd_transcribe(a) -> int:
-    from harken.recognizer import Recognizer, find_audio
+    import soundfile as sf
+
+    from harken.output import write_transcripts
+    from harken.recognizer import Recognizer, Transcript, find_audio
 
     files = find_audio(a.inputs)
     if not files:
@@ -151,12 +154,22 @@ def cmd_transcribe(a) -> int:
         rec = HFWav2Vec2Recognizer.load(a.model, num_threads=a.threads)
     else:
         rec = Recognizer.load(a.checkpoint, num_threads=a.threads)
-    results = rec.transcribe_batch(files, max_duration=a.max_duration)
-    for t in results:
-        if a.format == "json":
-            print(json.dumps(t.as_dict(), ensure_ascii=False))
-        else:
-            print(f"{t.source}\t{t.text}")
+
+    def duration(f: str) -> float:
+        try:
+            return sf.info(f).duration
+        except Exception:
+            return 0.0  # not a libsndfile format: treated as short (decoded whole)
+
+    long_files = set()
+    if hasattr(rec, "transcribe_long"):
+        long_files = {f for f in files if a.long or duration(f) > a.long_after}
+    short = [f for f in files if f not in long_files]
+    results = dict(zip(short, rec.transcribe_batch(short, max_duration=a.max_duration))) if short else {}
+    for f in long_files:  # VAD segments, read block by block: bounded memory for any length
+        segs = rec.transcribe_long(f, max_segment=a.max_segment, vad=a.vad)
+        results[f] = Transcript.from_segments(list(segs), source=f, duration=duration(f))
+    write_transcripts([results[f] for f in files], a.format, a.output_dir or "-")
     return 0
 
 
@@ -211,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", help="a harken checkpoint (.pt)")
     g.add_argument("--model", help="a fine-tuned Hugging Face Wav2Vec2ForCTC directory with its processor")
     s.add_argument("inputs", nargs="+")
-    s.add_argument("--format", choices=["text", "json"], default="text")
+    s.add_argument("--format", choices=["text", "json", "srt", "vtt"], default="text")
+    s.add_argument("--output-dir", default=None, help="write one file per input here (default: stdout)")
+    s.add_argument("--long", action="store_true", help="segment every file with the VAD (automatic past --long-after)")
+    s.add_argument("--long-after", type=float, default=30.0, help="seconds past which a file is segmented")
+    s.add_argument("--max-segment", type=float, default=20.0, help="longest VAD segment, seconds")
+    s.add_argument("--vad", choices=["energy", "webrtc", "auto"], default="energy")
     s.add_argument("--max-duration", type=float, default=200.0)
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(func=cmd_transcribe)

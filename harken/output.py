@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
-from harken.recognizer import Segment, Transcript, Word
+from harken.recognizer import Transcript, Word
 
 FORMATS = ("text", "json", "srt", "vtt")
 EXTENSIONS = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}
@@ -134,7 +134,8 @@ def to_json(t: Transcript, indent: int | None = None) -> str:
 def to_srt(t: Transcript, **kw) -> str:
     parts = []
     for i, c in enumerate(make_cues(t, **kw), 1):
-        parts.append(f"{i}\n{format_timestamp(c.start, ',')} --> {format_timestamp(c.end, ',')}\n{c.text}\n")
+        span = f"{format_timestamp(c.start, ',')} --> {format_timestamp(c.end, ',')}"
+        parts.append(f"{i}\n{span}\n{c.text}\n")
     return "\n".join(parts)
 
 
@@ -165,7 +166,8 @@ def write_transcripts(results: Iterable[Transcript], fmt: str = "text",
     transcript named after its source (``a.wav`` -> ``a.srt``; sources without a name get
     ``transcript-<n>``; clashing names get a numeric suffix). On a stream, "text" writes
     ``source<TAB>text`` lines and "json" one JSON object per line (JSON Lines); SRT/VTT documents
-    are just separated by a blank line (so a stream is valid SRT/VTT only for one transcript). Returns the paths written (empty for a stream)."""
+    are just separated by a blank line (so a stream is valid SRT/VTT only for one transcript).
+    Returns the paths written (empty for a stream)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r} (one of {', '.join(FORMATS)})")
     if out is None or out == "-" or hasattr(out, "write"):

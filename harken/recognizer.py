@@ -110,6 +110,9 @@ class Recognizer:
         self.subsampling = getattr(model, "subsampling_factor", None) or getattr(
             getattr(model, "encoder", None), "subsampling_factor", 4)
         self.encoder_type = enc.type
+        frame_seconds = getattr(getattr(model, "encoder", None), "frame_seconds", None)
+        if frame_seconds:  # encoders on raw waveforms (wav2vec2: 20 ms per output frame)
+            self.frame_shift, self.subsampling = float(frame_seconds), 1
         from harken.decode.align import frame_offset
 
         self.time_offset = frame_offset(self.frame_shift, self.subsampling,

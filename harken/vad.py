@@ -5,7 +5,8 @@ Detectors (10 ms frames at 16 kHz, one bool per frame):
 
 * :class:`EnergyVad` - frame log-energy against an adaptive noise floor (the minimum of the
   frame energies over the last ``floor_window`` seconds, i.e. minimum statistics) plus
-  ``margin_db``, and above an absolute ``min_level_db`` (the floor starts at ``initial_floor_db``); a frame is speech after ``hangover``
+  ``margin_db``, and above an absolute ``min_level_db`` (the floor starts at
+  ``initial_floor_db``); a frame is speech after ``hangover``
   seconds of any speech frame (so short dips inside words do not split them).
 * :class:`WebRtcVad` - Google's WebRTC VAD from the optional ``webrtcvad`` module (PyPI:
   ``webrtcvad-wheels``), with the same hangover. Not required.
@@ -14,8 +15,8 @@ Detectors (10 ms frames at 16 kHz, one bool per frame):
 the first speech frame, ends ``pad`` after the last speech frame before a pause of at least
 ``min_silence`` seconds, and is cut before it grows past ``max_segment`` - at the longest pause
 inside it if it has one of at least ``min_split_silence``, else at its quietest frame in the
-second half (a forced split). Segments with less than ``min_speech`` seconds of speech are
-dropped.
+second half (a forced split). Segments with less than ``min_speech`` seconds of speech frames
+(before the hangover) are dropped.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class EnergyVad:
         self._cur_n = 0
         self._rest = np.zeros(0, np.float32)
         self.last_energy = np.zeros(0)  # energies of the frames returned by the last call
+        self.last_raw = np.zeros(0, bool)  # their decisions before the hangover
 
     def _floor(self) -> float:
         vals = list(self._mins) + ([self._cur_min] if self._cur_n else [])
@@ -98,7 +100,7 @@ class EnergyVad:
                 self._mins.append(self._cur_min)
                 self._cur_min, self._cur_n = np.inf, 0
             raw[i] = e > self._floor() + self.margin_db and e > self.min_level_db
-        self.last_energy = db
+        self.last_energy, self.last_raw = db, raw
         return self.hang(raw)
 
 
@@ -121,6 +123,7 @@ class WebRtcVad:
         self.hang = _Hangover(round(hangover * 100))
         self._rest = np.zeros(0, np.float32)
         self.last_energy = np.zeros(0)
+        self.last_raw = np.zeros(0, bool)
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         x = np.concatenate([self._rest, np.asarray(block, np.float32)])
@@ -129,7 +132,7 @@ class WebRtcVad:
         pcm = (np.clip(x[: n * FRAME], -1, 1) * 32767).astype("<i2")
         raw = np.array([self.vad.is_speech(pcm[i * FRAME:(i + 1) * FRAME].tobytes(), SAMPLE_RATE)
                         for i in range(n)], dtype=bool)
-        self.last_energy = frame_energy_db(x[: n * FRAME])
+        self.last_energy, self.last_raw = frame_energy_db(x[: n * FRAME]), raw
         return self.hang(raw)
 
 
@@ -165,7 +168,8 @@ class Segmenter:
             raise ValueError("max_segment must be at least 1 second")
         self._buf = np.zeros(0, np.float32)  # samples from self._start (always a frame multiple + rest)
         self._start = 0  # absolute sample index of self._buf[0]
-        self._speech = np.zeros(0, bool)  # per frame of self._buf
+        self._speech = np.zeros(0, bool)  # per frame of self._buf (with hangover)
+        self._raw = np.zeros(0, bool)  # the same before the hangover
         self._energy = np.zeros(0)
         self._max_f = int(round(self.max_segment * 100))
         self._pad_f = int(round(self.pad * 100))
@@ -177,23 +181,26 @@ class Segmenter:
         dec = self.vad(block)
         self._buf = np.concatenate([self._buf, block])
         self._speech = np.concatenate([self._speech, dec])
+        self._raw = np.concatenate([self._raw, getattr(self.vad, "last_raw", dec)])
         self._energy = np.concatenate([self._energy, self.vad.last_energy])
         yield from self._emit(final=False)
 
     def flush(self) -> Iterator[tuple[int, np.ndarray]]:
         yield from self._emit(final=True)
         self._buf, self._speech, self._energy = np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0)
+        self._raw = np.zeros(0, bool)
 
     def _drop(self, frames: int) -> None:
         frames = max(0, min(frames, len(self._speech)))
         self._buf = self._buf[frames * FRAME:]
         self._speech = self._speech[frames:]
+        self._raw = self._raw[frames:]
         self._energy = self._energy[frames:]
         self._start += frames * FRAME
 
     def _cut(self, a: int, b: int) -> tuple[int, np.ndarray] | None:
         """Segment of frames [a, b) of the buffer (copied), or None when it has too little speech."""
-        if self._speech[a:b].sum() < self.min_speech * 100:
+        if self._raw[a:b].sum() < self.min_speech * 100:
             return None
         end = len(self._buf) if b >= len(self._speech) else b * FRAME
         return self._start + a * FRAME, self._buf[a * FRAME: end].copy()

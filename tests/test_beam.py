@@ -225,3 +225,61 @@ def test_hotword_trie_takes_back_unfinished_bonus():
     assert (s, acc, d) == (0, 0.0, 0.0)
     s, acc, d = g.step(0, 0.0, 3, True)
     assert g.finish(acc) == -2.0
+
+
+@pytest.mark.slow
+def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_path):
+    """A small model trained briefly (110 steps, ~75-100 s on 2 shared cores: hence slow) on espeak
+    speech misspells some person names.  Boosting each missed name (1.0 per token) must make the
+    beam search output it in most of those utterances, while boosting it on the utterances that do
+    not contain it must (almost) never insert it, and the boosted utterance must not get worse."""
+    import sys
+    from pathlib import Path
+
+    from harken.config import load_config
+    from harken.data.corpus.textgen import _FIRST, _LAST
+    from harken.data.manifest import read_manifest
+    from harken.decode.tune import log_probs_for_records
+    from harken.evaluate import error_report
+    from harken.recognizer import Recognizer
+    from harken.text.normalize import normalize_text
+    from harken.train import checkpoint as ckpt
+    from harken.train.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import TINY
+
+    corpus, _ = tiny_corpus
+    exp = tmp_path / "exp"
+    cfg = load_config(None, TINY + [
+        f"data.train=[{corpus}/train.jsonl]", "data.dev=null", f"train.exp_dir={exp}", "train.max_steps=110",
+        "optim.lr=3e-3", "optim.warmup_steps=30", "optim.schedule=constant", "model.encoder.dropout=0.0",
+        "model.specaug.num_time_masks=0", "model.specaug.num_freq_masks=0", "train.checkpoint_every=110",
+        "data.max_duration=60"])
+    train(cfg)
+    rec = Recognizer.load(ckpt.latest_checkpoint(exp / "checkpoints"))
+    records = read_manifest(corpus / "train.jsonl")
+    refs = [normalize_text(r.text) for r in records]
+    lps = log_probs_for_records(rec.model, records)
+
+    def beam(i, hot=()):
+        cfg = DecodeConfig(method="beam", hotwords=list(hot))
+        return decode_texts(lps[i][None], torch.tensor([lps[i].shape[0]]), rec.tokenizer, cfg)[0]
+
+    base = [beam(i) for i in range(len(refs))]
+    names = set(_FIRST) | set(_LAST)
+    missed = sorted({(i, w) for i, (r, h) in enumerate(zip(refs, base)) for w in r.split()
+                     if w in names and len(w) >= 4 and w not in h.split()})
+    assert len(missed) >= 2, f"the model should still miss some names: {list(zip(refs, base))}"
+    fixed, false_alarms, trials = 0, 0, 0
+    for i, w in missed:
+        hyp = beam(i, [(w, 1.0)])
+        if w in hyp.split():
+            fixed += 1
+        assert error_report([refs[i]], [hyp]).wer <= error_report([refs[i]], [base[i]]).wer, (w, hyp, base[i])
+        for j in range(len(refs)):
+            if w not in refs[j].split():
+                trials += 1
+                false_alarms += w in beam(j, [(w, 1.0)]).split()
+    assert fixed >= 0.75 * len(missed), (fixed, missed)
+    assert false_alarms <= 0.02 * trials, (false_alarms, trials)

@@ -29,7 +29,7 @@ def test_timestamps():
 def test_wrap_lines_balanced_and_limited():
     ws = "the quick brown fox jumps over the lazy dog and keeps on running far away".split()
     lines = wrap_lines(ws[:9], 42, 2)
-    assert lines and len(lines) <= 2 and all(len(l) <= 42 for l in lines)
+    assert lines and len(lines) <= 2 and all(len(x) <= 42 for x in lines)
     assert wrap_lines(ws * 3, 42, 2) is None
     assert wrap_lines(["x" * 50], 42, 2) == ["x" * 50]
 
@@ -43,7 +43,7 @@ def test_cues_respect_limits_and_word_boundaries():
     joined = " ".join(" ".join(c.lines) for c in cues)
     assert joined == text  # nothing lost, split only at word boundaries
     for c in cues:
-        assert len(c.lines) <= 2 and all(len(l) <= 42 for l in c.lines)
+        assert len(c.lines) <= 2 and all(len(x) <= 42 for x in c.lines)
         assert c.end - c.start <= 7.0 + 1e-9
     assert all(a.end <= b.start for a, b in zip(cues, cues[1:]))
 

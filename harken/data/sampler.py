@@ -142,6 +142,11 @@ class BucketSampler:
                 "world_size": self.world_size, "num_utts": int(len(self.durations))}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``. With another world size the *global* position is kept: W_old
+        ranks that each consumed c batches consumed global batches [0, c*W_old); each of the W_new
+        ranks continues at floor(c*W_old / W_new), so up to W_new-1 global batches are trained
+        again and none is skipped. (The epoch's global batch order does not depend on the world
+        size; only the tail truncated to a multiple of W differs.)"""
         if state.get("num_utts", len(self.durations)) != len(self.durations):
             raise ValueError(
                 f"sampler state is for {state['num_utts']} utterances, this data has {len(self.durations)}"

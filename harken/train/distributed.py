@@ -63,9 +63,17 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
         return DistInfo(timeout_s=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its store across restarts: without a per-attempt prefix, a restarted
+            # worker can read the dead previous workers' gloo addresses and fail to connect
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                 is_master=False, timeout=timeout)
+            kwargs.update(store=dist.PrefixStore(f"harken/attempt_{attempt}", base), rank=rank, world_size=world)
         try:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+            dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
         except Exception as e:  # rendezvous or store failure: name the endpoint
             raise PeerLostError(
                 f"rank {rank}/{world} on {socket.gethostname()}: could not join the {backend} process group at "
