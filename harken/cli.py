@@ -88,6 +88,17 @@ def cmd_train(a) -> int:
 
 
 # ------------------------------------------------------------------------------------ eval
+def _decode_cfg(a):
+    """The decoding options as a DecodeConfig; a bad combination is a user error, not a bug."""
+    from harken.config import ConfigError
+    from harken.decode.cli import decode_config_from_args
+
+    try:
+        return decode_config_from_args(a)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_eval(a) -> int:
     import torch
 
@@ -98,6 +109,7 @@ def cmd_eval(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    decode_cfg = _decode_cfg(a)
     rec = Recognizer.load(a.checkpoint)
     out_dir = Path(a.out) if a.out else Path(a.checkpoint).resolve().parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +122,7 @@ def cmd_eval(a) -> int:
 
         t0 = time.time()
         hyps = decode_records(rec.model, records, rec.tokenizer, max_duration=a.max_duration,
-                              progress=not a.quiet)
+                              progress=not a.quiet, decode_cfg=decode_cfg)
         dt = time.time() - t0
         refs = [normalize_text(r.text) for r in records]
         rep = error_report(refs, hyps).as_dict()
@@ -153,7 +165,7 @@ def cmd_transcribe(a) -> int:
 
         rec = HFWav2Vec2Recognizer.load(a.model, num_threads=a.threads)
     else:
-        rec = Recognizer.load(a.checkpoint, num_threads=a.threads)
+        rec = Recognizer.load(a.checkpoint, num_threads=a.threads, decode_cfg=_decode_cfg(a))
 
     def duration(f: str) -> float:
         try:
@@ -175,6 +187,8 @@ def cmd_transcribe(a) -> int:
 
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
+    from harken.decode.cli import add_commands, add_decode_args
+
     p = argparse.ArgumentParser(prog="harken", description="speech recognition: data to deployment")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -217,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, metavar="DIR",
                    help="also write a static HTML error-analysis report (index.html + audio/) here")
     s.add_argument("--report-worst", type=int, default=30, help="worst utterances listed per set in the report")
+    add_decode_args(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("transcribe", help="transcribe audio files or folders")
@@ -232,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vad", choices=["energy", "webrtc", "auto"], default="energy")
     s.add_argument("--max-duration", type=float, default=200.0)
     s.add_argument("--threads", type=int, default=0)
+    add_decode_args(s)
     s.set_defaults(func=cmd_transcribe)
+    add_commands(sub)  # harken lm build, harken tune
     return p
 
 
@@ -241,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from harken.audio import AudioError
     from harken.data.manifest import ManifestError
+    from harken.decode.align import AlignmentError
 
-    user_errors: tuple = (AudioError, ManifestError, FileNotFoundError)
+    user_errors: tuple = (AudioError, ManifestError, FileNotFoundError, AlignmentError)
     try:
         from harken.config import ConfigError
 

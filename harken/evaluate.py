@@ -33,8 +33,14 @@ def duration_batches(records: Sequence[Record], max_duration: float) -> list[lis
 
 @torch.inference_mode()
 def decode_records(model, records: Sequence[Record], tokenizer, device=None,
-                   max_duration: float = 200.0, progress: bool = False) -> list[str]:
-    """Greedy-decode every record; returns hypotheses in the records' order."""
+                   max_duration: float = 200.0, progress: bool = False, decode_cfg=None) -> list[str]:
+    """Decode every record (greedy, or ``decode_cfg``: beam, LM, hotwords); returns hypotheses in the
+    records' order."""
+    decoder = None
+    if decode_cfg is not None and decode_cfg.method != "greedy":
+        from harken.decode import build_decoder, decode_texts
+
+        decoder = build_decoder(tokenizer, decode_cfg)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -49,6 +55,11 @@ def decode_records(model, records: Sequence[Record], tokenizer, device=None,
     for b in it:
         batch = ds[(0, b)]
         log_probs, out_lens = model(batch.wave.to(device), batch.wave_lens.to(device))
+        if decoder is not None:
+            for i, text in zip(b, decode_texts(log_probs.float().cpu(), out_lens.cpu(), tokenizer, decode_cfg,
+                                               decoder)):
+                hyps[i] = text
+            continue
         for i, ids in zip(b, greedy_ids(log_probs, out_lens)):
             hyps[i] = tokenizer.decode(ids)
     model.train(was_training)

@@ -100,8 +100,11 @@ def find_audio(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 
 class Recognizer:
-    def __init__(self, model, tokenizer, config, device: str | torch.device = "cpu"):
+    def __init__(self, model, tokenizer, config, device: str | torch.device = "cpu", decode_cfg=None):
         self.model = model.eval()
+        self.decode_cfg = None
+        self._decoder = None
+        self.set_decoding(decode_cfg)
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
@@ -118,8 +121,19 @@ class Recognizer:
         self.time_offset = frame_offset(self.frame_shift, self.subsampling,
                                         config.model.fbank.frame_length_ms / 1000.0)
 
+    def set_decoding(self, decode_cfg) -> None:
+        """Use ``harken.decode.DecodeConfig`` (beam, LM, hotwords) instead of greedy decoding; the
+        decoder (and its LM) is built once here, not per call."""
+        self.decode_cfg = decode_cfg
+        self._decoder = None
+        if decode_cfg is not None and decode_cfg.method != "greedy":
+            from harken.decode import build_decoder
+
+            self._decoder = build_decoder(self.tokenizer, decode_cfg)
+
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> "Recognizer":
+    def load(cls, path: str | os.PathLike, device: str = "cpu", num_threads: int | None = None,
+             decode_cfg=None) -> "Recognizer":
         from harken.config import ExperimentConfig, from_dict
         from harken.text.tokenizer import tokenizer_from_dict
         from harken.train.checkpoint import load_checkpoint
@@ -135,7 +149,7 @@ class Recognizer:
         tok = tokenizer_from_dict(obj["tokenizer"])
         model = build_model(cfg, tok.vocab_size)
         model.load_state_dict(obj["model"])
-        return cls(model.to(device), tok, cfg, device)
+        return cls(model.to(device), tok, cfg, device, decode_cfg=decode_cfg)
 
     from_checkpoint = load
 
@@ -166,7 +180,13 @@ class Recognizer:
         out = []
         for w, lp in zip(waves, self._log_probs(waves)):
             toks = greedy_frames(lp[None], torch.tensor([lp.shape[0]]))[0]
-            text = self.tokenizer.decode([t for t, *_ in toks])
+            if self._decoder is not None:
+                from harken.decode import decode_texts
+
+                text = decode_texts(lp[None], torch.tensor([lp.shape[0]]), self.tokenizer, self.decode_cfg,
+                                    self._decoder)[0]
+            else:
+                text = self.tokenizer.decode([t for t, *_ in toks])
             words = self._aligned_words(lp, text)
             if words is None:  # fall back to the greedy spikes
                 words = self._words(toks, step)

@@ -105,8 +105,9 @@ def test_beam_with_lm_is_exact_against_brute_force(tmp_path):
 
 
 def test_beam_with_hotword_is_exact_against_brute_force():
-    """Hotword "ab" with boost 1.5 per token: a label sequence earns 3.0 for every word that starts
-    with "ab" (a completed match), nothing for partial matches."""
+    """Hotword "ab" with boost 1.5 per token: a label sequence earns 3.0 for every word that is
+    exactly "ab" (a match followed by a word boundary or the end), nothing for partial matches or
+    for words that merely start with "ab"."""
     tok = tiny_tok()
     ctx = ContextGraph.from_phrases([("ab", 1.5)], tok)
     for seed in range(3):
@@ -114,7 +115,7 @@ def test_beam_with_hotword_is_exact_against_brute_force():
         ref = {}
         for lab, am in brute_force(lp).items():
             words = words_of(tok, lab)
-            ref[lab] = am + 3.0 * sum(wd.startswith("ab") for wd in words)
+            ref[lab] = am + 3.0 * sum(wd == "ab" for wd in words)
         hyps = CtcBeamSearch(tok, context=ctx, **EXACT).decode(lp[None], torch.tensor([6]), nbest=5)[0]
         best = sorted(ref.items(), key=lambda kv: -kv[1])[:5]
         assert [tuple(h.tokens) for h in hyps] == [k for k, _ in best]
@@ -215,16 +216,17 @@ def test_hotword_parsing_and_config_errors():
 
 def test_hotword_trie_takes_back_unfinished_bonus():
     g = ContextGraph([([3, 4, 5], 2.0), ([3, 4], 1.0)])
-    s, acc, d = g.step(0, 0.0, 3, True)
+    s, acc, d = g.step(0, 0.0, 3, True, False)
     assert d == 2.0 and acc == 2.0
-    s, acc, d = g.step(s, acc, 4, False)  # completes the shorter phrase: bonus kept
-    assert d == 2.0 and acc == 0.0 and s != 0
-    s, acc, d = g.step(s, acc, 6, False)  # longer phrase fails: nothing more to take back
-    assert d == 0.0 and s == 0
-    s, acc, d = g.step(0, 0.0, 3, False)  # not at a word start: no match
-    assert (s, acc, d) == (0, 0.0, 0.0)
-    s, acc, d = g.step(0, 0.0, 3, True)
-    assert g.finish(acc) == -2.0
+    s, acc, d = g.step(s, acc, 4, False, False)  # shorter phrase complete, not yet confirmed
+    assert d == 2.0 and acc == 4.0 and g.finish(s, acc) == 0.0  # the end of the utterance confirms it
+    s2, acc2, d2 = g.step(s, acc, 6, False, True)  # a new word confirms it; the longer one is abandoned
+    assert d2 == 0.0 and (s2, acc2) == (0, 0.0)
+    s2, acc2, d2 = g.step(s, acc, 6, False, False)  # the word goes on ("ab" -> "abx"): all taken back
+    assert d2 == -4.0 and (s2, acc2) == (0, 0.0)
+    assert g.step(0, 0.0, 3, False, False) == (0, 0.0, 0.0)  # not at a word start: no match
+    s, acc, _ = g.step(0, 0.0, 3, True, False)
+    assert g.finish(s, acc) == -2.0
 
 
 @pytest.mark.slow
@@ -232,7 +234,7 @@ def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_pat
     """A small model trained briefly (110 steps, ~75-100 s on 2 shared cores: hence slow) on espeak
     speech misspells some person names.  Boosting each missed name (1.0 per token) must make the
     beam search output it in most of those utterances, while boosting it on the utterances that do
-    not contain it must (almost) never insert it, and the boosted utterance must not get worse."""
+    not contain it must (almost) never insert it, and the WER over the boosted utterances must drop."""
     import sys
     from pathlib import Path
 
@@ -271,15 +273,21 @@ def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_pat
     missed = sorted({(i, w) for i, (r, h) in enumerate(zip(refs, base)) for w in r.split()
                      if w in names and len(w) >= 4 and w not in h.split()})
     assert len(missed) >= 2, f"the model should still miss some names: {list(zip(refs, base))}"
-    fixed, false_alarms, trials = 0, 0, 0
+    fixed, false_alarms, trials, boosted = 0, 0, 0, []
     for i, w in missed:
         hyp = beam(i, [(w, 1.0)])
+        boosted.append(hyp)
         if w in hyp.split():
             fixed += 1
-        assert error_report([refs[i]], [hyp]).wer <= error_report([refs[i]], [base[i]]).wer, (w, hyp, base[i])
         for j in range(len(refs)):
             if w not in refs[j].split():
                 trials += 1
                 false_alarms += w in beam(j, [(w, 1.0)]).split()
+    print(f"hotword test: fixed {fixed}/{len(missed)} missed names {missed}; false alarms "
+          f"{false_alarms}/{trials}")
     assert fixed >= 0.75 * len(missed), (fixed, missed)
+    idx = [i for i, _ in missed]
+    before = error_report([refs[i] for i in idx], [base[i] for i in idx])
+    after = error_report([refs[i] for i in idx], boosted)
+    assert after.wer < before.wer, (before, after)
     assert false_alarms <= 0.02 * trials, (false_alarms, trials)

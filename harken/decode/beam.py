@@ -170,7 +170,7 @@ class CtcBeamSearch:
             hs, ha = 0, 0.0
             if ctx is not None:
                 ws = node == 0 or starts_word[k] or is_space[tok[node]]
-                hs, ha, d = ctx.step(hstate[node], hacc[node], k, ws)
+                hs, ha, d = ctx.step(hstate[node], hacc[node], k, ws, starts_word[k])
                 e += d
             r = e
             if unk_look and part and (_UNK_MARK in part or not lm.is_word_prefix(part)):
@@ -260,7 +260,7 @@ class CtcBeamSearch:
                 ll += lp10
                 e += lmw * lp10
             if ctx is not None:
-                e += ctx.finish(hacc[node])
+                e += ctx.finish(hstate[node], hacc[node])
             finals.append((am + e, am, ll, nw, node))
         finals.sort(key=lambda x: -x[0])
         out = []

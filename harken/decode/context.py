@@ -2,12 +2,14 @@
 
 Each phrase is tokenized with the model's tokenizer; while a hypothesis follows a phrase's tokens it
 earns ``boost`` (natural-log units) per matched token -- the convention of icefall's and
-sherpa-onnx's context graphs.  If the hypothesis leaves the trie before the phrase is complete, the
-bonus earned on the unfinished part is taken back, so a partial match gains nothing in the end.  A
+sherpa-onnx's context graphs.  The bonus is kept only once the phrase is complete *and* followed by
+a word boundary (a ``▁``-initial token or the end of the utterance); if the hypothesis leaves the
+trie before that (including "adams" going on as "adamst"), the bonus earned is taken back, so a
+partial match gains nothing in the end.  A
 phrase can only begin at a word start (first token of the utterance, after a bare ``▁`` token, or on
 a token that itself starts with ``▁``), so "ann" does not fire inside "joanna".  When phrases share
 a prefix, the trie node keeps the largest boost; a complete phrase that is also the prefix of a
-longer one keeps its bonus and the longer one may add more.
+longer one keeps its bonus (once a word boundary follows) and the longer one may add more.
 """
 
 from __future__ import annotations
@@ -66,29 +68,29 @@ class ContextGraph:
     def __len__(self) -> int:
         return len(self.children) - 1
 
-    def step(self, state: int, acc: float, token: int, word_start: bool) -> tuple[int, float, float]:
-        """Advance by one emitted token.  ``acc`` is the bonus earned since the last completed phrase
-        (what a failure takes back).  Returns (new state, new acc, score delta)."""
+    def step(self, state: int, acc: float, token: int, word_start: bool, starts_word: bool) -> tuple[int, float, float]:
+        """Advance by one emitted token.  ``acc`` is the bonus not yet kept (what a failure takes
+        back); ``word_start``: a phrase may begin at this token; ``starts_word``: the token itself
+        opens a new word (``▁``-initial), which confirms a phrase completed on the previous token.
+        Returns (new state, new acc, score delta)."""
         delta = 0.0
         if state:
+            if self.is_end[state] and starts_word:
+                acc = 0.0  # the phrase is followed by a word boundary: its bonus is kept
             nxt = self.children[state].get(token)
             if nxt is not None:
                 gain = self.boost[nxt]
-                if self.is_end[nxt]:
-                    return (nxt if self.children[nxt] else 0), 0.0, gain
                 return nxt, acc + gain, gain
-            delta = -acc  # left the trie mid-phrase: take the bonus back
+            delta = -acc  # left the trie mid-phrase (or the "phrase" went on as a longer word)
             state, acc = 0, 0.0
         if word_start:
             nxt = self.children[0].get(token)
             if nxt is not None:
                 gain = self.boost[nxt]
-                if self.is_end[nxt]:
-                    return (nxt if self.children[nxt] else 0), 0.0, delta + gain
                 return nxt, gain, delta + gain
         return 0, 0.0, delta
 
-    @staticmethod
-    def finish(acc: float) -> float:
-        """Score delta at the end of the utterance (unfinished phrase: its bonus is taken back)."""
-        return -acc
+    def finish(self, state: int, acc: float) -> float:
+        """Score delta at the end of the utterance: a complete phrase keeps its bonus, an unfinished
+        one gives it back."""
+        return 0.0 if self.is_end[state] else -acc
