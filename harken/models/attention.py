@@ -35,15 +35,26 @@ def rel_pos_emb(length: int | torch.Tensor, d_model: int, device=None) -> torch.
     return sinusoid(pos, d_model)
 
 
+def rel_pos_emb_window(klen: int | torch.Tensor, qlen: int | torch.Tensor, d_model: int,
+                       device=None) -> torch.Tensor:
+    """(klen+qlen-1, d_model) embedding of distances klen-1, ..., -(qlen-1): what ``qlen`` queries
+    (the last ``qlen`` of ``klen`` keys, as in chunked streaming with a cache) need.
+    ``rel_pos_emb_window(t, t) == rel_pos_emb(t)``."""
+    pos = torch.arange(klen - 1, -qlen, -1, device=device, dtype=torch.float32)
+    return sinusoid(pos, d_model)
+
+
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
-    """(B,H,T,2T-1) scores indexed by relative-position slot k (distance
-    T-1-k) -> (B,H,T,T) with out[..., i, j] = x[..., i, T-1-i+j], i.e. the
-    score for distance i-j.  Pad/reshape trick: one copy, no gather."""
-    b, h, t, p = x.shape  # p == 2t - 1
-    x = F.pad(x, (1, 0)).flatten(2)  # (B,H,T*2T); row i holds [0, x[i]]
-    # element (i, j) of the (T, 2T-1) view of flat[T:] sits at flat index
-    # 2T*i + (T - i + j), i.e. padded column T-i+j = x[i, T-1-i+j]
-    return x[..., t:].unflatten(-1, (t, p))[..., :t]
+    """(B,H,Tq,Tk+Tq-1) scores indexed by relative-position slot k (distance
+    Tk-1-k) -> (B,H,Tq,Tk) with out[..., i, j] = x[..., i, Tq-1-i+j], i.e. the
+    score for distance (Tk-Tq+i)-j: the queries are the last Tq of the Tk keys
+    (Tq == Tk for the full sequence; Tq < Tk with a streaming cache).
+    Pad/reshape trick: one copy, no gather."""
+    b, h, t, p = x.shape  # p == tk + t - 1
+    x = F.pad(x, (1, 0)).flatten(2)  # (B,H,T*(P+1)); row i holds [0, x[i]]
+    # element (i, j) of the (T, P) view of flat[T:] sits at flat index
+    # (P+1)*i + (T - i + j), i.e. padded column T-i+j = x[i, T-1-i+j]
+    return x[..., t:].unflatten(-1, (t, p))[..., : p - t + 1]
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -83,11 +94,12 @@ class MultiHeadSelfAttention(nn.Module):
         return q, k.transpose(1, 2), v.transpose(1, 2)  # q: (B,T,H,dk)
 
     def pos_scores(self, q: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
-        """Scaled, rel-shifted positional scores (B,H,T,T) for q (B,T,H,dk)."""
+        """Scaled, rel-shifted positional scores (B,H,T,Tk) for q (B,T,H,dk) and ``pos_emb`` of
+        Tk+T-1 distances (Tk = T for the full sequence)."""
         scale = 1.0 / math.sqrt(self.dk)
         p = self.linear_pos(pos_emb).view(1, -1, self.h, self.dk).permute(0, 2, 3, 1)
         qv = ((q + self.pos_bias_v) * scale).transpose(1, 2)  # (B,H,T,dk)
-        return rel_shift(torch.matmul(qv, p))  # (B,H,T,2T-1) -> (B,H,T,T)
+        return rel_shift(torch.matmul(qv, p))  # (B,H,T,Tk+T-1) -> (B,H,T,Tk)
 
     def forward(
         self,
@@ -107,6 +119,31 @@ class MultiHeadSelfAttention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, dropout_p=drop)
         return self.out(o.transpose(1, 2).reshape(b, t, d))
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        pos_emb: torch.Tensor | None,
+        cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming step. x (B,C,D): the chunk's queries; ``cache`` (B,H,R,2*dk): keys and values
+        of the R earlier frames (R may be 0); ``mask``: additive float (rel) / bool (abs)
+        (B,1,1,R+C) key mask or None; ``pos_emb``: (R+2C-1, D) from :func:`rel_pos_emb_window`.
+        Returns (out (B,C,D), new cache (B,H,R+C,2*dk))."""
+        b, c, d = x.shape
+        q, k, v = self._qkv(x)
+        kv = torch.cat([cache, torch.cat([k, v], dim=-1)], dim=2)
+        k, v = kv.split(self.dk, dim=-1)
+        if self.rel:
+            bias = self.pos_scores(q, pos_emb)
+            if mask is not None:
+                bias = bias + mask
+            qu = (q + self.pos_bias_u).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qu, k, v, attn_mask=bias)
+        else:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(b, c, d)), kv
 
     def forward_explicit(self, x, valid: torch.Tensor, pos_emb=None):
         """Reference implementation (no SDPA, no rel-shift trick; gathers the

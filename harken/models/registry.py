@@ -36,7 +36,18 @@ class EncoderConfig:
     macaron: bool = True
     conv_norm: str = "layer_norm"  # "layer_norm" | "batch_norm"
     activation_checkpointing: bool = False
-    causal: bool = False
+    causal: bool = False  # left-only depthwise convolution (needed for streaming conformers)
+    # Streaming (WeNet-style chunk attention; conformer/transformer only).  ``chunk_size`` > 0:
+    # every forward uses a fixed chunk mask of that many output frames (40 ms each), seeing
+    # ``left_chunks`` chunks back (-1: all).  ``dynamic_chunk``: in training, each batch draws its
+    # chunk size from the torch global RNG: full context with probability ~1/2, else uniform in
+    # 1..max_dynamic_chunk; with ``dynamic_left_chunks`` the left context is drawn too
+    # (0..max(left, ...) chunks).  In eval, ``chunk_size`` applies (0: full context).
+    dynamic_chunk: bool = False
+    chunk_size: int = 0
+    left_chunks: int = -1
+    max_dynamic_chunk: int = 25
+    dynamic_left_chunks: bool = False
     # type="wav2vec2" only (ignored by the other encoders); see harken.models.wav2vec2.
     # d_model is then taken from the pretrained config and `dropout` is applied to its output.
     pretrained: str | None = None  # local Hugging Face checkpoint dir (config.json + weights)

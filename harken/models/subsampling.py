@@ -34,6 +34,18 @@ class Conv2dSubsampling4(nn.Module):
     def output_lengths(lens: torch.Tensor) -> torch.Tensor:
         return torch.clamp(((lens - 1) // 2 - 1) // 2, min=0)
 
+    # input frames an output frame sees (7) and the input stride between output frames (4):
+    # a streaming chunk of C output frames takes 4*C + 3 input frames and advances by 4*C
+    right_context = 6
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,T,F) -> (B,T',d_model) without lengths (streaming chunks)."""
+        x = x.unsqueeze(1)  # (B,1,T,F)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))  # (B,C,T',F')
+        b, c, t, f = x.shape
+        return self.out(x.permute(0, 2, 3, 1).reshape(b, t, f * c))
+
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.unsqueeze(1)  # (B,1,T,F)
         x = F.relu(self.conv1(x))

@@ -21,6 +21,11 @@ class TransformerBlock(nn.Module):
         x = x + self.dropout(self.att(self.norm_att(x), att_mask, pos_emb))
         return x + self.ff(x)
 
+    def forward_chunk(self, x, att_mask, pos_emb, att_cache, cnn_cache):
+        a, new_att = self.att.forward_chunk(self.norm_att(x), att_mask, pos_emb, att_cache)
+        x = x + a
+        return x + self.ff(x), new_att, cnn_cache
+
 
 @register_encoder("transformer")
 class TransformerEncoder(_EncoderBase):
