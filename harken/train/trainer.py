@@ -106,6 +106,10 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn: GlobalCMVN | None = None) -> CtcModel:
+    if cfg.model.encoder.type == "wav2vec2":  # raw waveform in: no fbank frontend, no CMVN
+        from harken.models.wav2vec2 import build_wav2vec2_ctc
+
+        return build_wav2vec2_ctc(cfg.model.encoder, vocab_size)
     fb = cfg.model.fbank
     frontend = Frontend(fb, cfg.model.specaug, cmvn or GlobalCMVN.identity(fb.num_mel_bins))
     return CtcModel(cfg.model.encoder, vocab_size, frontend=frontend)
@@ -543,7 +547,7 @@ def setup(cfg: ExperimentConfig) -> Run:
 
     # CMVN: from a file, else estimated (rank 0 writes it, others read it)
     cmvn_path = Path(cfg.data.cmvn) if cfg.data.cmvn else exp_dir / "cmvn.json"
-    if resume_obj is None and not cmvn_path.exists():
+    if resume_obj is None and not cmvn_path.exists() and cfg.model.encoder.type != "wav2vec2":
         if info.is_main:
             estimate_cmvn(records, cfg, cfg.train.seed).to_file(cmvn_path)
         barrier(info)
@@ -561,17 +565,23 @@ def setup(cfg: ExperimentConfig) -> Run:
         # DDP broadcasts rank 0's parameters and buffers here, so all ranks start identical; gradients
         # are averaged in 25 MB buckets while the backward pass is still running
         model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[device.index] if device.type == "cuda" else None)
+            core, device_ids=[device.index] if device.type == "cuda" else None,
+            # wav2vec2's layer drop leaves some parameters without gradients in some steps
+            find_unused_parameters=cfg.model.encoder.type == "wav2vec2")
     if info.rank:  # a distinct stream per rank for anything outside the per-batch seeding
         seed_everything(cfg.train.seed + 1_000_003 * info.rank)
 
     oc = cfg.optim
-    decay, no_decay = [], []
-    for n, p in core.named_parameters():
-        (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+    if cfg.model.encoder.type == "wav2vec2":  # the pretrained encoder gets its own (lower) learning rate
+        from harken.models.wav2vec2 import param_groups
+
+        groups = param_groups(core, oc.lr, oc.weight_decay)
+    else:
+        decay, no_decay = [], []
+        for n, p in core.named_parameters():
+            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                   fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, oc.schedule, oc.warmup_steps, cfg.train.max_steps, oc.min_lr_ratio))
