@@ -165,7 +165,7 @@ def cmd_transcribe(a) -> int:
 
         rec = HFWav2Vec2Recognizer.load(a.model, num_threads=a.threads)
     else:
-        rec = Recognizer.load(a.checkpoint, num_threads=a.threads, decode_cfg=_decode_cfg(a))
+        rec = Recognizer.load(a.checkpoint, num_threads=a.threads, decode_cfg=_decode_cfg(a), backend=a.backend)
 
     def duration(f: str) -> float:
         try:
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("transcribe", help="transcribe audio files or folders")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="a harken checkpoint (.pt)")
+    g.add_argument("--checkpoint", help="a harken checkpoint (.pt) or an exported harken ONNX model (.onnx)")
     g.add_argument("--model", help="a fine-tuned Hugging Face Wav2Vec2ForCTC directory with its processor")
     s.add_argument("inputs", nargs="+")
     s.add_argument("--format", choices=["text", "json", "srt", "vtt"], default="text")
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--long-after", type=float, default=30.0, help="seconds past which a file is segmented")
     s.add_argument("--max-segment", type=float, default=20.0, help="longest VAD segment, seconds")
     s.add_argument("--vad", choices=["energy", "webrtc", "auto"], default="energy")
+    s.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="inference backend (auto: onnxruntime for .onnx, torch for .pt)")
     s.add_argument("--max-duration", type=float, default=200.0)
     s.add_argument("--threads", type=int, default=0)
     add_decode_args(s)

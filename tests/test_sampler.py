@@ -94,3 +94,15 @@ def test_group_weights_oversample_rare_groups():
     assert 0.4 < share < 0.6  # balanced: about half the epoch is the rare group
     ws = group_weights(groups, "sqrt_inverse")
     assert ws[-1] == pytest.approx(3.0)
+
+
+def test_the_batches_of_one_step_come_from_neighbouring_lengths():
+    d = durations(2000, seed=5)
+    ranks = [BucketSampler(d, 40, seed=1, world_size=2, rank=r, num_buckets=20) for r in range(2)]
+    a, b = list(ranks[0]), list(ranks[1])
+    longest = [(d[x].max(), d[y].max()) for x, y in zip(a, b)]
+    ratio = np.median([max(p, q) / min(p, q) for p, q in longest])
+    assert ratio < 1.1  # without grouping, two random batches differ by ~1.6x here
+    # one process accumulating 2 batches per step sees the same pairs as 2 ranks
+    single = list(BucketSampler(d, 40, seed=1, world_size=1, group_size=2, num_buckets=20))
+    assert single[0::2] == a and single[1::2] == b

@@ -8,8 +8,10 @@ The sampler sees only durations (and optional per-utterance weights). For each e
 2. sorts the list by duration and cuts it into ``num_buckets`` buckets of similar length, shuffles
    inside each bucket, and packs consecutive utterances into batches whose *padded* duration
    (longest utterance x batch size) stays under ``max_duration`` seconds;
-3. shuffles the batch order, and deals batches to ranks round-robin, dropping the tail so that every
-   rank gets the same number of batches (no rank waits at a collective that others never reach).
+3. groups consecutive (similar-length) batches into the batches of one global step (``group_size`` =
+   ranks x gradient accumulation), shuffles the groups, and deals batches to ranks round-robin, so
+   every rank gets the same number of batches (no rank waits at a collective that others never
+   reach) and the batches of one step cost about the same on every rank.
 
 ``state_dict()`` records the epoch and how many batches this rank has consumed, so a resumed run
 continues from the next batch of the same epoch with the same order.
@@ -38,6 +40,7 @@ class BucketSampler:
         rank: int = 0,
         max_batch_size: int | None = None,
         drop_last: bool = False,
+        group_size: int | None = None,
     ):
         if max_duration <= 0:
             raise ValueError(f"max_duration must be > 0 seconds, got {max_duration}")
@@ -51,6 +54,10 @@ class BucketSampler:
         self.world_size = int(world_size)
         self.rank = int(rank)
         self.max_batch_size = max_batch_size
+        # batches per global step (world_size x gradient accumulation); must be a multiple of world_size
+        self.group_size = int(group_size or world_size)
+        if self.group_size % self.world_size:
+            raise ValueError(f"group_size {self.group_size} is not a multiple of world_size {world_size}")
         self.drop_last = drop_last
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         if self.weights is not None and len(self.weights) != len(self.durations):
@@ -107,9 +114,15 @@ class BucketSampler:
                 longest = new_longest
             if cur and not (self.drop_last and longest * len(cur) < 0.5 * self.max_duration):
                 batches.append(cur)
+        # Consecutive batches (taken in length order) form groups of `group_size`: the batches of
+        # one global step (all ranks x accumulation). Shuffling whole groups keeps every rank's
+        # batch in a step about equally long, so no rank idles at the all-reduce waiting for a
+        # rank that drew a long bucket. A tail that cannot fill a group is left for this epoch.
+        g = self.group_size
+        groups = [batches[i : i + g] for i in range(0, len(batches) - g + 1, g)]
         if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        return [b for grp in groups for b in grp]
 
     def _rank_batches(self) -> list[list[int]]:
         if self._cache is None or self._cache[0] != self.epoch:

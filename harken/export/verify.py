@@ -157,8 +157,8 @@ def verify_artifacts(checkpoint: str | os.PathLike, artifacts: Sequence[str | os
     torch_run = _TorchRunner(model)
     records, refs, waves = [], [], []
     if manifest:
-        from harken.data.manifest import read_manifest
         from harken.data.dataset import AsrDataset
+        from harken.data.manifest import read_manifest
 
         records = read_manifest(manifest)[: max_utts or None]
         ds = AsrDataset(records)
@@ -229,7 +229,8 @@ def format_rows(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['artifact']} | {r['kind']} | {f(r.get('max_abs_diff'))} | "
-                     f"{f(r.get('argmax_agreement'), True)} | {f(r.get('wer'), True)} | {f(r.get('torch_wer'), True)} | "
+                     f"{f(r.get('argmax_agreement'), True)} | {f(r.get('wer'), True)} | "
+                     f"{f(r.get('torch_wer'), True)} | "
                      f"{f(r.get('text_agreement'), True)} |" + (f" error: {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)
 

@@ -48,6 +48,7 @@ class ModelInfo:
     model_type: str = "ctc"
     blank_id: int = 0
     streaming_chunk: int = 0  # output frames per chunk the model was exported/trained for (0: none)
+    time_offset: float | None = None  # seconds; None: computed by harken.decode.align.frame_offset
 
     @property
     def frame_seconds(self) -> float:
@@ -90,8 +91,14 @@ class OnnxBackend:
             raise ValueError(f"{path}: expected inputs (waveform, lengths), found {[i.name for i in ins]}")
         self.input_names = [i.name for i in ins]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.min_input = int(self.metadata.get("min_input") or 0)
+        if self.metadata.get("input_kind") == "fbank":
+            raise ValueError(f"{path}: a fbank-input ONNX (sherpa-wenet variant) is for sherpa-onnx; "
+                             "export the 'wave' variant for harken's engine")
 
     def __call__(self, wave: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if wave.shape[1] < self.min_input:  # the graph's smallest input; lengths stay true
+            wave = torch.nn.functional.pad(wave, (0, self.min_input - wave.shape[1]))
         feeds = {self.input_names[0]: wave.numpy().astype(np.float32, copy=False),
                  self.input_names[1]: lens.numpy().astype(np.int64, copy=False)}
         lp, n = self.session.run(None, feeds)[:2]
@@ -162,18 +169,27 @@ def _info_from_metadata(meta: dict[str, str], path: str) -> tuple[ModelInfo, Any
     vocab = json.loads(need("vocabulary"))
     tok = tokenizer_from_dict(json.loads(meta["tokenizer"])) if meta.get("tokenizer") else VocabTokenizer(vocab)
     feat = json.loads(meta.get("feature_config") or "{}")
-    shift = float(meta.get("frame_shift") or feat.get("frame_shift_ms", 10.0))
-    if shift >= 1.0:  # milliseconds
-        shift /= 1000.0
+    if meta.get("frame_shift_ms"):
+        shift = float(meta["frame_shift_ms"]) / 1000.0
+    else:
+        shift = float(meta.get("frame_shift") or feat.get("frame_shift_ms", 10.0))
+        if shift >= 1.0:  # milliseconds
+            shift /= 1000.0
+    sub = int(need("subsampling_factor"))
+    if meta.get("output_frame_shift_ms"):  # the true output frame step (wav2vec2: 20 ms, not 10 x sub)
+        out_shift = float(meta["output_frame_shift_ms"]) / 1000.0
+        if abs(out_shift - shift * sub) > 1e-6:
+            shift, sub = out_shift, 1
     info = ModelInfo(
         sample_rate=int(meta.get("sample_rate", SAMPLE_RATE)),
         frame_shift=shift,
         frame_length=float(feat.get("frame_length_ms", 25.0)) / 1000.0,
-        subsampling=int(need("subsampling_factor")),
+        subsampling=sub,
         encoder_type=meta.get("encoder_type", "conformer"),
         model_type=meta.get("model_type", "ctc"),
         blank_id=int(meta.get("blank_id", 0)),
         streaming_chunk=int(meta.get("streaming_chunk") or 0),
+        time_offset=float(meta["time_offset_ms"]) / 1000.0 if meta.get("time_offset_ms") else None,
     )
     if info.sample_rate != SAMPLE_RATE:
         raise ValueError(f"{path}: model expects {info.sample_rate} Hz audio; harken reads {SAMPLE_RATE} Hz")
@@ -197,7 +213,8 @@ class Engine:
         self.frame_shift = info.frame_shift
         self.subsampling = info.subsampling
         self.encoder_type = info.encoder_type
-        self.time_offset = frame_offset(self.frame_shift, self.subsampling, info.frame_length)
+        self.time_offset = (info.time_offset if info.time_offset is not None
+                            else frame_offset(self.frame_shift, self.subsampling, info.frame_length))
         self.warmup_calls = 0
         self.decode_cfg = None
         self._decoder = None

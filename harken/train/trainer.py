@@ -593,7 +593,8 @@ def setup(cfg: ExperimentConfig) -> Run:
     sampler = BucketSampler([r.duration for r in records], dc.max_duration, num_buckets=dc.num_buckets,
                             shuffle=True, seed=cfg.train.seed, max_utt_duration=dc.max_utt_duration,
                             min_utt_duration=dc.min_utt_duration, weights=weights,
-                            world_size=info.world_size, rank=info.rank, max_batch_size=dc.max_batch_size)
+                            world_size=info.world_size, rank=info.rank, max_batch_size=dc.max_batch_size,
+                            group_size=info.world_size * max(1, cfg.optim.accum_steps))
     if len(sampler) < max(1, cfg.optim.accum_steps):
         raise ValueError(f"an epoch gives each of the {info.world_size} rank(s) {len(sampler)} batch(es), fewer "
                          f"than optim.accum_steps={cfg.optim.accum_steps}: lower data.max_duration or "
