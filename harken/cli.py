@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_args(s)
     s.set_defaults(func=cmd_transcribe)
     add_commands(sub)  # harken lm build, harken tune
+    from harken.export.cli import add_commands as add_export_commands
+
+    add_export_commands(sub)  # harken export
     return p
 
 
