@@ -135,3 +135,15 @@ def save_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPL
     wave = np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0)
     sf.write(str(tmp), wave, sample_rate, subtype="PCM_16", format="WAV")
     os.replace(tmp, path)
+
+
+def as_waveform(audio) -> tuple[np.ndarray, str]:
+    """A file path, the raw bytes of a file, or a 1-D float32 waveform at 16 kHz -> (waveform, name
+    of its source for messages and results)."""
+    if isinstance(audio, np.ndarray):
+        if audio.ndim != 1:
+            raise AudioError(f"expected a 1-D float waveform at {SAMPLE_RATE} Hz, got shape {audio.shape}")
+        return audio.astype(np.float32, copy=False), "<array>"
+    if isinstance(audio, (bytes, bytearray)):
+        return load_audio(bytes(audio)), "<bytes>"
+    return load_audio(audio), str(audio)

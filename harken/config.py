@@ -37,6 +37,7 @@ class DataConfig:
     group_weighting: str = "none"  # none | sqrt_inverse | inverse (balances rare `group`s)
     cmvn: str | None = None  # path to cmvn.json; None = computed from train data at start
     cmvn_utts: int = 500  # utterances used to estimate CMVN when it is computed
+    feature_cache: str | None = None  # folder for cached fbank features (only without waveform augmentation)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -427,8 +427,10 @@ class Frontend(nn.Module):
             raise ValueError(f"CMVN has {cmvn.num_bins} bins, fbank {self.fbank.num_mel_bins}")
         self.cmvn = cmvn.to(self.fbank.mel.device)
 
-    def forward(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        feats, n = self.fbank(wave, lengths)
+    def forward(self, wave: Tensor, lengths: Tensor, precomputed: bool = False) -> tuple[Tensor, Tensor]:
+        """``precomputed=True``: ``wave`` already holds fbank features (B, T, F) with frame counts in
+        ``lengths`` (a feature cache); CMVN and SpecAugment still run here."""
+        feats, n = (wave, lengths) if precomputed else self.fbank(wave, lengths)
         feats = self.cmvn(feats)
         mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < n[:, None]
         feats = feats * mask[:, :, None].to(feats.dtype)

@@ -147,3 +147,26 @@ def test_cli_train_eval_transcribe(tiny_corpus, tmp_path):
     r = subprocess.run(exe + ["transcribe", "--checkpoint", str(exp / "best.pt"), str(bad)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "bad.wav" in r.stderr
+
+
+def test_feature_cache_trains_like_the_waveform_path(tiny_corpus, tmp_path):
+    """With no waveform augmentation, cached fbank features give the same training as the waveform
+    path (features are stored as float16, hence the tolerance), and the cache is reused."""
+    corpus, _ = tiny_corpus
+    man = subset(corpus, 12, tmp_path)
+    common = ["train.max_steps=3", "train.checkpoint_every=3", "model.encoder.dropout=0.0",
+              "model.specaug.num_time_masks=0", "model.specaug.num_freq_masks=0", "data.max_duration=30"]
+    train(cfg_for(man, tmp_path / "wave", *common))
+    cache = tmp_path / "cache"
+    train(cfg_for(man, tmp_path / "cached", f"data.feature_cache={cache}", *common))
+    files = list(cache.rglob("*.npy"))
+    assert len(files) == 12
+    pa = params(tmp_path / "wave" / "checkpoints" / "step-00000003.pt")
+    pb = params(tmp_path / "cached" / "checkpoints" / "step-00000003.pt")
+    worst = max(float((pa[k] - pb[k]).abs().max()) for k in pa if pa[k].is_floating_point())
+    assert worst < 1e-3, worst
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    train(cfg_for(man, tmp_path / "again", f"data.feature_cache={cache}", *common))
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())  # read, not recomputed
+    with pytest.raises(ValueError, match="feature_cache"):
+        train(cfg_for(man, tmp_path / "aug", f"data.feature_cache={cache}", "data.augment.speed_factors=[0.9,1.1]"))

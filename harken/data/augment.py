@@ -294,6 +294,13 @@ class WaveAugmenter:
         self._noise: NoiseSource | None = None
 
     @property
+    def active(self) -> bool:
+        """Whether this augmenter can change a waveform at all."""
+        c = self.cfg
+        speed = any(f != 1.0 for f in (c.speed_factors or ()))
+        return speed or (c.noise_dir is not None and c.noise_prob > 0) or c.volume_prob > 0
+
+    @property
     def noise(self) -> NoiseSource | None:
         if self.cfg.noise_dir is None:
             return None

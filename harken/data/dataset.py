@@ -7,7 +7,11 @@ same batch is the same on any worker and after a resume -- and returns a padded 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -25,10 +29,15 @@ class Batch:
     targets: torch.Tensor  # (B, U) int64, zero padded
     target_lens: torch.Tensor  # (B,) int64
     texts: list[str]
+    feats: torch.Tensor | None = None  # (B, T, F) cached fbank features, when a feature cache is used
+    feat_lens: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(self.ids, self.wave.to(device, non_blocking=True), self.wave_lens.to(device),
-                     self.targets.to(device), self.target_lens.to(device), self.texts)
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(self.ids, mv(self.wave), mv(self.wave_lens), mv(self.targets), mv(self.target_lens),
+                     self.texts, mv(self.feats), mv(self.feat_lens))
 
     @property
     def seconds(self) -> float:
@@ -43,9 +52,52 @@ def pad_waves(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lens
 
 
+class FeatureCache:
+    """Fbank features of unaugmented utterances, computed once and kept as float16 ``.npy`` files.
+
+    The folder is keyed by the fbank settings (a hash of ``FbankConfig``), a file by the utterance's
+    audio path, offset and duration, so a changed front end or a changed manifest never reads stale
+    features. Files are written atomically; concurrent workers or ranks may race to write the same
+    file harmlessly."""
+
+    def __init__(self, folder: str | os.PathLike, fbank_cfg):
+        import dataclasses
+
+        from harken.features import Fbank
+
+        key = hashlib.sha1(json.dumps(dataclasses.asdict(fbank_cfg), sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = Path(folder) / f"fbank-{key}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fb = dataclasses.replace(fbank_cfg, dither=0.0)
+        self.fbank = Fbank(fb).eval()
+
+    def path(self, r: Record) -> Path:
+        h = hashlib.sha1(f"{os.path.abspath(r.audio)}|{r.offset:.4f}|{r.duration:.4f}".encode()).hexdigest()
+        return self.dir / h[:2] / f"{h[2:]}.npy"
+
+    def get(self, r: Record, load_wave) -> np.ndarray:
+        p = self.path(r)
+        if p.exists():
+            try:
+                return np.load(p).astype(np.float32)
+            except (ValueError, OSError, EOFError):
+                pass  # damaged: recompute below
+        wave = torch.from_numpy(load_wave())[None]
+        with torch.inference_mode():
+            feats, n = self.fbank(wave, torch.tensor([wave.shape[1]]))
+        out = feats[0, : int(n[0])].numpy()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, out.astype(np.float16))
+        os.replace(tmp, p)
+        return out
+
+
 class AsrDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[Record], tokenizer=None, augmenter=None, seed: int = 0,
-                 normalize=None):
+                 normalize=None, feature_cache: FeatureCache | None = None):
+        self.feature_cache = feature_cache
         self.records = list(records)
         self.tokenizer = tokenizer
         self.augmenter = augmenter
@@ -65,9 +117,13 @@ class AsrDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, request) -> Batch:
         epoch, indices = request if isinstance(request, tuple) else (0, request)
-        waves, targets, texts = [], [], []
+        waves, targets, texts, feats = [], [], [], []
         for i in indices:
-            waves.append(self.load(i, epoch))
+            if self.feature_cache is not None:
+                feats.append(self.feature_cache.get(self.records[i], lambda i=i: self.load(i, epoch)))
+                waves.append(np.zeros(0, dtype=np.float32))
+            else:
+                waves.append(self.load(i, epoch))
             text = self.records[i].text
             if self.normalize is not None:
                 text = self.normalize(text)
@@ -79,7 +135,15 @@ class AsrDataset(torch.utils.data.Dataset):
         tgt = torch.zeros(len(indices), int(tl.max()) if len(indices) else 0, dtype=torch.int64)
         for j, t in enumerate(targets):
             tgt[j, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        return Batch([self.records[i].id for i in indices], wave, wave_lens, tgt, tl, texts)
+        batch = Batch([self.records[i].id for i in indices], wave, wave_lens, tgt, tl, texts)
+        if feats:
+            batch.feat_lens = torch.tensor([len(f) for f in feats], dtype=torch.int64)
+            batch.feats = torch.zeros(len(feats), int(batch.feat_lens.max()), feats[0].shape[1])
+            for j, f in enumerate(feats):
+                batch.feats[j, : len(f)] = torch.from_numpy(f)
+            # audio seconds (for throughput figures) from the frame counts: 10 ms per frame
+            batch.wave_lens = batch.feat_lens * (SAMPLE_RATE // 100)
+        return batch
 
 
 class EpochTagged:

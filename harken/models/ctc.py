@@ -52,9 +52,13 @@ class CtcModel(nn.Module):
         logits = self.output(h)
         return torch.log_softmax(logits.float(), dim=-1), lens
 
-    def forward(self, x: torch.Tensor, x_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, x_lens: torch.Tensor,
+                precomputed_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``precomputed_features``: x is cached fbank features; the frontend applies only CMVN and
+        SpecAugment (going through ``forward`` keeps DDP's gradient hooks in play)."""
         if self.frontend is not None:
-            x, x_lens = self.frontend(x, x_lens)
+            x, x_lens = (self.frontend(x, x_lens, precomputed=True) if precomputed_features
+                         else self.frontend(x, x_lens))
         return self.encode_features(x, x_lens)
 
     def config(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from harken.audio import SAMPLE_RATE, AudioError, load_audio
+from harken.audio import SAMPLE_RATE, as_waveform, load_audio
 from harken.recognizer import Transcript, Word
 
 
@@ -72,13 +72,7 @@ class HFWav2Vec2Recognizer:
     # -------------------------------------------------------------------------------------
     @staticmethod
     def _as_wave(audio) -> tuple[np.ndarray, str]:
-        if isinstance(audio, np.ndarray):
-            if audio.ndim != 1:
-                raise AudioError(f"expected a 1-D float waveform at {SAMPLE_RATE} Hz, got shape {audio.shape}")
-            return audio.astype(np.float32, copy=False), "<array>"
-        if isinstance(audio, (bytes, bytearray)):
-            return load_audio(bytes(audio)), "<bytes>"
-        return load_audio(audio), str(audio)
+        return as_waveform(audio)
 
     @torch.inference_mode()
     def logits(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from harken.audio import SAMPLE_RATE, AudioError, load_audio
+from harken.audio import SAMPLE_RATE, as_waveform
 from harken.runtime.blocks import iter_blocks
 from harken.runtime.results import Segment, Transcript, Word
 
@@ -323,13 +323,7 @@ class Engine:
             self._decoder = build_decoder(self.tokenizer, decode_cfg)
 
     def _as_wave(self, audio) -> tuple[np.ndarray, str]:
-        if isinstance(audio, np.ndarray):
-            if audio.ndim != 1:
-                raise AudioError(f"expected a 1-D float waveform at {SAMPLE_RATE} Hz, got shape {audio.shape}")
-            return audio.astype(np.float32, copy=False), "<array>"
-        if isinstance(audio, (bytes, bytearray)):
-            return load_audio(bytes(audio)), "<bytes>"
-        return load_audio(audio), str(audio)
+        return as_waveform(audio)
 
     def _log_probs(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Per waveform: its CTC log-probs (T', V) float32 on the CPU."""

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harken.config import ExperimentConfig, from_dict, save_config, to_dict
+from harken.config import ConfigError, ExperimentConfig, from_dict, save_config, to_dict
 from harken.data.augment import WaveAugmenter
 from harken.data.dataset import AsrDataset, make_loader
 from harken.data.manifest import Record, read_manifest
@@ -209,7 +209,10 @@ def seed_for_batch(seed: int, epoch: int, global_index: int) -> None:
 def compute_loss(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-utterance losses (B,) and the number of valid output frames."""
     with autocast_context(run.precision, run.device):
-        log_probs, out_lens = run.model(batch.wave, batch.wave_lens)
+        if batch.feats is not None:  # from the feature cache
+            log_probs, out_lens = run.model(batch.feats, batch.feat_lens, precomputed_features=True)
+        else:
+            log_probs, out_lens = run.model(batch.wave, batch.wave_lens)
     per_utt = ctc_loss(log_probs.float(), out_lens, batch.targets, batch.target_lens,
                        label_smoothing=run.cfg.model.label_smoothing, reduction="none")
     return per_utt, out_lens, int(out_lens.sum())
@@ -603,7 +606,19 @@ def setup(cfg: ExperimentConfig) -> Run:
         log.info("%d utterances outside [%.1f, %.1f] s are not trained on", sampler.num_filtered,
                  dc.min_utt_duration, dc.max_utt_duration)
     augmenter = WaveAugmenter(dc.augment)
-    dataset = AsrDataset(records, tokenizer, augmenter, seed=cfg.train.seed, normalize=normalize_text)
+    cache = None
+    if dc.feature_cache:
+        from harken.data.dataset import FeatureCache
+
+        if augmenter.active:
+            raise ConfigError("data.feature_cache stores fbank features of the unaugmented audio: disable "
+                              "waveform augmentation (data.augment.speed_factors=[] noise_prob=0 volume_prob=0) "
+                              "or drop the cache; SpecAugment still applies")
+        if cfg.model.encoder.type == "wav2vec2":
+            raise ConfigError("data.feature_cache is for fbank models; wav2vec2 reads the waveform")
+        cache = FeatureCache(dc.feature_cache, cfg.model.fbank)
+    dataset = AsrDataset(records, tokenizer, augmenter, seed=cfg.train.seed, normalize=normalize_text,
+                         feature_cache=cache)
 
     run = Run(cfg=cfg, model=model, core=core, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, scaler=scaler, sampler=sampler, dataset=dataset, device=device,
