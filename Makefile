@@ -32,8 +32,15 @@ synth: $(STAMP) voices-apt
 train: $(STAMP)
 	$(BIN)/harken train --config $(DEMO_CFG)
 
+TESTSETS := data/corpus/test_seen.jsonl data/corpus/test_unseen.jsonl
+
+# greedy, then beam search with a 4-gram word LM estimated on the training transcripts only
 eval: $(STAMP)
-	$(BIN)/harken eval --checkpoint exp/demo/best.pt data/corpus/test_seen.jsonl data/corpus/test_unseen.jsonl --out exp/demo/eval
+	$(BIN)/harken eval --checkpoint exp/demo/best.pt $(TESTSETS) --out exp/demo/eval --quiet
+	$(BIN)/python -c 'import json,sys; [print(json.loads(l)["text"]) for l in open("data/corpus/train.jsonl")]' > exp/demo/train_text.txt
+	$(BIN)/harken lm build --text exp/demo/train_text.txt --order 4 --out exp/demo/lm4.arpa
+	$(BIN)/harken eval --checkpoint exp/demo/best.pt $(TESTSETS) --out exp/demo/eval-lm --quiet \
+	  --decode beam_lm --lm exp/demo/lm4.arpa --lm-weight 1.5 --word-bonus 4 --beam-size 16 --report exp/demo/report
 
 transcribe: $(STAMP)
 	$(BIN)/harken transcribe --checkpoint exp/demo/best.pt $$(head -n 3 data/corpus/test_unseen.jsonl | $(BIN)/python -c 'import sys,json; print(" ".join("data/corpus/"+json.loads(l)["audio"] for l in sys.stdin))')
