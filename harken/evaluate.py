@@ -12,23 +12,13 @@ import torch
 
 from harken.data.dataset import AsrDataset
 from harken.data.manifest import Record
+from harken.data.sampler import length_batches
 from harken.decode.greedy import greedy_ids
 
 
 def duration_batches(records: Sequence[Record], max_duration: float) -> list[list[int]]:
     """Deterministic batches of similar length for inference (sorted by duration)."""
-    order = sorted(range(len(records)), key=lambda i: records[i].duration)
-    batches, cur, longest = [], [], 0.0
-    for i in order:
-        d = records[i].duration
-        if cur and max(longest, d) * (len(cur) + 1) > max_duration:
-            batches.append(cur)
-            cur, longest = [], 0.0
-        cur.append(i)
-        longest = max(longest, d)
-    if cur:
-        batches.append(cur)
-    return batches
+    return length_batches([r.duration for r in records], max_duration)
 
 
 @torch.inference_mode()

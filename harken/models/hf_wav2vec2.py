@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from harken.audio import SAMPLE_RATE, as_waveform, load_audio
+from harken.data.sampler import length_batches
 from harken.recognizer import Transcript, Word
 
 
@@ -118,24 +119,11 @@ class HFWav2Vec2Recognizer:
         """Transcribe many files (duration-sorted batches when the model supports padding, else
         one by one); results in the input order."""
         waves = [load_audio(f) for f in files]
-        order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
         results: list[Transcript | None] = [None] * len(waves)
-        batch: list[int] = []
-
-        def flush():
+        # base models (no attention mask) are decoded one by one so that padding cannot change them
+        lengths = [len(w) / SAMPLE_RATE for w in waves]
+        for batch in length_batches(lengths, max_duration, max_size=None if self.batched else 1):
             for i, t in zip(batch, self._decode([waves[i] for i in batch])):
                 t.source = str(files[i])
                 results[i] = t
-
-        longest = 0
-        for i in order:
-            n = len(waves[i])
-            full = max(longest, n) * (len(batch) + 1) / SAMPLE_RATE > max_duration
-            if batch and (full or not self.batched):
-                flush()
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, n)
-        if batch:
-            flush()
         return results  # type: ignore[return-value]

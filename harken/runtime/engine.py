@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from harken.audio import SAMPLE_RATE, as_waveform
+from harken.data.sampler import length_batches
 from harken.runtime.blocks import iter_blocks
 from harken.runtime.results import Segment, Transcript, Word
 
@@ -425,26 +426,11 @@ class Engine:
         """Transcribe many files (paths, bytes or waveforms) in duration-sorted batches of at most
         ``max_duration`` padded seconds; results in the input order."""
         loaded = [self._as_wave(f) for f in files]
-        waves = [w for w, _ in loaded]
-        order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
-        results: list[Transcript | None] = [None] * len(waves)
-        batch: list[int] = []
-
-        def flush():
-            for i, t in zip(batch, self._decode([waves[i] for i in batch])):
+        results: list[Transcript | None] = [None] * len(loaded)
+        for batch in length_batches([len(w) / SAMPLE_RATE for w, _ in loaded], max_duration):
+            for i, t in zip(batch, self._decode([loaded[i][0] for i in batch])):
                 t.source = loaded[i][1]
                 results[i] = t
-
-        longest = 0
-        for i in order:
-            n = len(waves[i])
-            if batch and max(longest, n) * (len(batch) + 1) / SAMPLE_RATE > max_duration:
-                flush()
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, n)
-        if batch:
-            flush()
         return results  # type: ignore[return-value]
 
     def transcribe_segments(self, audio, max_segment: float = 20.0, batch_size: int = 8, vad: str = "energy",
