@@ -239,26 +239,23 @@ class Segmenter:
             if seg_end is not None and seg_end + self._pad_f <= self._max_f:
                 b = min(n, seg_end + self._pad_f)
                 if b < n or final or n - seg_end >= self._pad_f:
-                    seg = self._cut(0, b)
-                    if seg:
-                        yield seg
-                    self._drop(b)
+                    yield from self._take(b)
                     continue
                 return
             if n >= self._max_f or (final and n > 0):
                 if n <= self._max_f:  # final, fits
-                    seg = self._cut(0, n)
-                    if seg:
-                        yield seg
-                    self._drop(n)
+                    yield from self._take(n)
                     return
-                b = self._split_point()
-                seg = self._cut(0, b)
-                if seg:
-                    yield seg
-                self._drop(b)
+                yield from self._take(self._split_point())
                 continue
             return
+
+    def _take(self, b: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield the buffer's first ``b`` frames as a segment (if it holds speech), then drop them."""
+        seg = self._cut(0, b)
+        if seg:
+            yield seg
+        self._drop(b)
 
     def _split_point(self) -> int:
         """Where to cut a buffer that holds more than max_segment: inside the longest pause (of at

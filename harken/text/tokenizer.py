@@ -7,6 +7,7 @@ sherpa-onnx format: one ``symbol id`` per line.
 
 from __future__ import annotations
 
+import abc
 import base64
 import io
 import os
@@ -55,7 +56,7 @@ def _read_tokens_txt(path: Path) -> list[str]:
     return [s for _, s in pairs]
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface."""
 
     kind = "base"
@@ -67,20 +68,24 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        ...
 
     def id_to_token(self, i: int) -> str:
         return self.tokens[i]
 
+    @abc.abstractmethod
     def save(self, path: str | os.PathLike) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
     def __len__(self) -> int:
         return self.vocab_size
