@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from harken.runtime import DecodeOptions, ItemError
 from harken.runtime.engine import Engine, VocabTokenizer
 
 TINY = ["model.encoder.d_model=48", "model.encoder.num_layers=2", "model.encoder.num_heads=2",
@@ -24,7 +25,7 @@ def tiny_ckpt(tiny_corpus, tmp_path_factory):
     from harken.data.manifest import read_manifest
     from harken.text.tokenizer import CharTokenizer
     from harken.train.checkpoint import atomic_save
-    from harken.train.trainer import build_model
+    from harken.models.build import build_model
 
     corpus, _ = tiny_corpus
     recs = read_manifest(corpus / "test_seen.jsonl")
@@ -89,7 +90,8 @@ def test_torch_and_onnx_backends_agree(tiny_ckpt, tiny_onnx):
     for a, b in zip(lt, lo):
         assert a.shape == b.shape
         assert (a - b).abs().max() < 1e-3
-    tt, to = et.transcribe_batch(files), eo.transcribe_batch(files)
+    opts = DecodeOptions(word_timestamps=True)
+    tt, to = et.transcribe_batch(files, opts), eo.transcribe_batch(files, opts)
     assert any(t.text for t in tt)
     assert [t.text for t in tt] == [t.text for t in to]
     assert [t.source for t in to] == [str(f) for f in files]
@@ -101,20 +103,10 @@ def test_torch_and_onnx_backends_agree(tiny_ckpt, tiny_onnx):
     assert et.transcribe(files[1]).text == tt[1].text
 
 
-def test_warmup_at_load(tiny_ckpt, monkeypatch):
+def test_warmup_at_load(tiny_ckpt):
     path, recs = tiny_ckpt
-    calls = []
-    orig = Engine._log_probs
-
-    def spy(self, waves):
-        calls.append([len(w) for w in waves])
-        return orig(self, waves)
-
-    monkeypatch.setattr(Engine, "_log_probs", spy)
     eng = Engine.load(path)
-    assert eng.warmup_calls == 1 and len(calls) == 1  # one dummy inference, before any request
-    eng.transcribe(recs[0].audio)
-    assert len(calls) == 2
+    assert eng.warmup_calls == 1  # one dummy inference, before any request
     assert Engine.load(path, warmup=False).warmup_calls == 0
 
 
@@ -146,6 +138,7 @@ def test_recognizer_is_an_engine(tiny_ckpt):
     from harken.decode import DecodeConfig
 
     r3 = Recognizer(rec.model, rec.tokenizer, rec.config, decode_cfg=DecodeConfig(method="beam", beam_size=4))
+    assert r3.options.method == "beam"
     assert isinstance(r3.transcribe(recs[0].audio).text, str)
 
 
@@ -175,3 +168,139 @@ def test_engine_streaming(tiny_ckpt):
     with pytest.raises(ValueError, match="causal"):  # this model has a non-causal conv
         s = eng.stream(chunk_size=4)
         s.accept_waveform(load_audio(recs[0].audio))
+
+
+# ------------------------------------------------------------------ the server-facing contract
+@pytest.fixture(scope="module")
+def engine_and_waves(tiny_ckpt):
+    from harken.audio import load_audio
+
+    path, recs = tiny_ckpt
+    return Engine.load(path, warmup=False), [load_audio(r.audio) for r in recs[:6]]
+
+
+def test_options_travel_with_the_call(engine_and_waves):
+    eng, waves = engine_and_waves
+    plain = eng.transcribe(waves[0])
+    assert plain.words == []  # word times only on request (no alignment pass)
+    timed = eng.transcribe(waves[0], options=DecodeOptions(word_timestamps=True))
+    assert timed.text == plain.text and (timed.words or not timed.text)
+    beam = eng.transcribe(waves[0], options=DecodeOptions(method="beam", beam_size=4))
+    assert isinstance(beam.text, str)
+    assert eng.options == DecodeOptions()  # the engine itself did not change
+    assert eng.transcribe(waves[0]).text == plain.text
+    assert set(plain.timings) >= {"frontend_encoder", "decoder", "alignment", "audio_decode"}
+
+
+def test_decoder_cache_is_bounded(engine_and_waves):
+    from harken.runtime.engine import DECODER_CACHE_SIZE
+
+    eng, waves = engine_and_waves
+    for k in range(1, DECODER_CACHE_SIZE + 4):
+        eng.transcribe(waves[0], options=DecodeOptions(method="beam", beam_size=k))
+    assert len(eng._decoders) == DECODER_CACHE_SIZE
+
+
+def test_thread_safety_mixed_options(engine_and_waves):
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng, waves = engine_and_waves
+    variants = [DecodeOptions(), DecodeOptions(word_timestamps=True), DecodeOptions(method="beam", beam_size=3),
+                DecodeOptions(method="beam", beam_size=6, word_timestamps=True)]
+    jobs = [(i % len(waves), variants[i % len(variants)]) for i in range(32)]
+    single = {(w, o): eng.transcribe(waves[w], options=o) for w, o in set(jobs)}
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda j: eng.transcribe(waves[j[0]], options=j[1]), jobs))
+    for j, t in zip(jobs, got):
+        ref = single[j]
+        assert t.text == ref.text
+        assert [(w.word, round(w.start, 4)) for w in t.words] == [(w.word, round(w.start, 4)) for w in ref.words]
+
+
+def test_infer_batch_per_item_errors_and_limits(engine_and_waves):
+    eng, waves = engine_and_waves
+    sr = eng.sample_rate
+    nan = waves[1].copy()
+    nan[100] = np.nan
+    int16 = np.round(waves[2] * 32767).astype(np.int16)
+    long = np.concatenate([waves[3], np.zeros(sr * 3, np.float32), waves[4]])
+    items = [waves[0], nan, np.zeros((2, 1600), np.float32), int16, long, "not audio", np.zeros(300, np.float32)]
+    res = eng.infer_batch(items, max_item_seconds=len(long) / sr - 1.0)
+    assert len(res) == len(items)
+    assert res[0].text == eng.infer_batch([waves[0]])[0].text  # the good item is unaffected
+    assert isinstance(res[1], ItemError) and res[1].code == "bad_audio" and "NaN" in res[1].message
+    assert isinstance(res[2], ItemError) and res[2].code == "bad_audio" and "item 2" in res[2].message
+    assert res[3].text == eng.infer_batch([waves[2]])[0].text  # int16 scaled like the float original
+    assert isinstance(res[4], ItemError) and res[4].code == "too_long"
+    assert isinstance(res[5], ItemError) and res[5].code == "bad_audio"
+    assert res[6].text == "" and res[6].duration < 0.05  # shorter than one output frame: empty, no crash
+    t = res[0].timings
+    assert t["frontend_encoder"] > 0 and 0.0 <= t["padding"] < 1.0 and t["batch_size"] >= 1
+    # long-form: cut by VAD into segments instead of refused
+    lf = eng.infer_batch([long], max_item_seconds=len(long) / sr - 1.0, long_form=True)[0]
+    assert not isinstance(lf, ItemError) and len(lf.segments) >= 1
+    # a padded-frame budget splits batches without changing results
+    small = eng.infer_batch(waves, max_batch_frames=200)
+    assert [r.text for r in small] == [r.text for r in eng.infer_batch(waves)]
+
+
+def test_short_inputs_are_empty_on_every_backend(tiny_ckpt, tiny_onnx):
+    path, _ = tiny_ckpt
+    for p in (path, tiny_onnx):
+        eng = Engine.load(p, warmup=False)
+        for n in (1, 160, 800):
+            assert eng.transcribe(np.zeros(n, np.float32)).text == ""
+
+
+def test_model_info_is_one_schema(tiny_ckpt, tiny_onnx):
+    from harken.models.info import ModelInfo
+
+    path, _ = tiny_ckpt
+    it, io = Engine.load(path, warmup=False).info, Engine.load(tiny_onnx, warmup=False).info
+    assert ModelInfo.from_metadata(it.to_metadata()) == it
+    for k in ("sample_rate", "subsampling", "right_context", "vocabulary", "blank_id", "feature_dim"):
+        assert getattr(it, k) == getattr(io, k), k
+    assert abs(it.time_offset - io.time_offset) < 1e-9 and abs(it.frame_seconds - io.frame_seconds) < 1e-9
+    assert it.model_id.startswith("sha256:") and io.model_id.startswith("sha256:")
+    d = it.to_dict()
+    assert d["vocab_size"] == len(it.vocabulary) and json.dumps(d)
+
+
+def test_unsafe_and_corrupt_model_files_are_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    raw = tmp_path / "evil.pt"
+    raw.write_bytes(pickle.dumps({"config": Payload()}))
+    zipped = tmp_path / "evil_zip.pt"
+    torch.save({"config": Payload(), "model": {}, "tokenizer": {}}, zipped)
+    marker.unlink(missing_ok=True)
+    for p in (raw, zipped):
+        with pytest.raises(ValueError, match=str(p.name)):
+            Engine.load(p)
+        assert not marker.exists()  # the payload never ran
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(ValueError, match="junk.onnx: not a loadable ONNX"):
+        Engine.load(junk)
+    junkpt = tmp_path / "junk.pt"
+    junkpt.write_bytes(b"PK\x03\x04" + np.random.default_rng(1).bytes(500))
+    with pytest.raises(ValueError, match="junk.pt"):
+        Engine.load(junkpt)
+
+
+def test_iter_transcribe_keeps_going_past_a_bad_file(tiny_ckpt, tmp_path):
+    path, recs = tiny_ckpt
+    eng = Engine.load(path, warmup=False)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    files = [recs[0].audio, str(bad), recs[1].audio]
+    got = dict(eng.iter_transcribe(files, max_duration=1.0))
+    assert sorted(got) == [0, 1, 2]
+    assert isinstance(got[1], ItemError) and got[1].code == "bad_audio" and "bad.wav" in got[1].message
+    assert got[0].text == eng.transcribe(recs[0].audio).text and got[2].source == recs[1].audio

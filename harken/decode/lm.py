@@ -31,7 +31,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -191,7 +192,12 @@ class ArpaLM:
     Decoding API: ``begin()`` -> state, ``score(state, word)`` -> (log10 prob, next state),
     ``end(state)`` -> log10 P(</s> | state).  States are tuples of the last words, shortened to the
     longest suffix that is itself a listed n-gram (KenLM's state minimisation: exact, and it makes the
-    score cache hit more often)."""
+    score cache hit more often).
+
+    Scores are cached per model, at most ``SCORE_CACHE_SIZE`` entries; the model is safe to share
+    between threads (its tables are read-only after loading)."""
+
+    SCORE_CACHE_SIZE = 200_000
 
     def __init__(self, probs: list[dict[tuple, float]], backoffs: list[dict[tuple, float]]):
         self.order = len(probs) - 1
@@ -201,7 +207,7 @@ class ArpaLM:
         if (UNK,) not in probs[1]:
             probs[1][(UNK,)] = -100.0
             self.vocab.add(UNK)
-        self._cache: dict[tuple, tuple[float, tuple]] = {}
+        self._cache: dict[tuple, tuple[float, tuple]] = {}  # bounded: see SCORE_CACHE_SIZE
         self._prefixes: set[str] | None = None
 
     @classmethod
@@ -271,6 +277,8 @@ class ArpaLM:
         w = word if word in self.vocab else UNK
         lp = self.logp(w, state)
         nxt = self._minimize((state + (w,))[-(self.order - 1):]) if self.order > 1 else ()
+        if len(self._cache) >= self.SCORE_CACHE_SIZE:  # bounded: start over (cheap, thread-safe under the GIL)
+            self._cache = {}
         self._cache[key] = (lp, nxt)
         return lp, nxt
 
@@ -301,18 +309,29 @@ class ArpaLM:
         return s in self._prefixes
 
 
-_LM_CACHE: dict[tuple, ArpaLM] = {}
+_LM_CACHE: "OrderedDict[tuple, ArpaLM]" = OrderedDict()
+_LM_CACHE_SIZE = 4  # loaded models kept (least recently used dropped first)
+_LM_LOCK = threading.Lock()
 
 
 def load_lm(path: str | os.PathLike) -> ArpaLM:
-    """Load (and cache by path and modification time) an ARPA language model."""
+    """Load (and cache by path and modification time, at most ``_LM_CACHE_SIZE`` models) an ARPA
+    language model. Thread-safe."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"language model {p} not found")
     key = (str(p.resolve()), p.stat().st_mtime_ns)
-    lm = _LM_CACHE.get(key)
-    if lm is None:
-        lm = _LM_CACHE[key] = ArpaLM.load(p)
+    with _LM_LOCK:
+        lm = _LM_CACHE.get(key)
+        if lm is not None:
+            _LM_CACHE.move_to_end(key)
+            return lm
+    lm = ArpaLM.load(p)
+    with _LM_LOCK:
+        _LM_CACHE[key] = lm
+        _LM_CACHE.move_to_end(key)
+        while len(_LM_CACHE) > _LM_CACHE_SIZE:
+            _LM_CACHE.popitem(last=False)
     return lm
 
 

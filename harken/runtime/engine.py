@@ -1,101 +1,110 @@
 """The one inference engine behind the CLI, the Python API and the server.
 
-    engine = Engine.load("exp/demo/best.pt")            # torch backend
-    engine = Engine.load("model.onnx", num_threads=1)   # onnxruntime backend (harken "wave" ONNX)
+    engine = Engine.load("exp/demo/best.pt")                 # torch backend
+    engine = Engine.load("model.onnx", num_threads=1)        # onnxruntime backend (harken "wave" ONNX)
     engine.transcribe("a.wav").text
-    engine.transcribe_batch(["a.wav", "b.wav"])
-    for seg in engine.transcribe_segments("long.flac"):  # lazy, VAD-cut segments
+    engine.transcribe("a.wav", options=DecodeOptions(method="beam", word_timestamps=True))
+    results = engine.infer_batch([wave1, wave2], options)    # a Transcript or an ItemError per item
+    for seg in engine.transcribe_segments("long.flac"):       # lazy, VAD-cut segments
         print(seg.start, seg.end, seg.text)
-    stream = engine.stream(chunk_size=16)               # streaming (torch backend, chunked models)
+
+**Immutable and thread-safe.** Everything an Engine holds is fixed at construction: the backend,
+the tokenizer, the :class:`ModelInfo` and the default :class:`DecodeOptions`. Decoding options
+travel with each call; the beam decoders (and their LMs) they need are built once per distinct
+option set and kept in a small LRU cache guarded by a lock. The public methods may be called from
+many threads at once: the torch model runs under ``inference_mode`` without mutating state, an
+onnxruntime ``InferenceSession.run`` is documented thread-safe, decoders keep per-call state in
+locals. No process-wide setting changes after load; ``num_threads`` on the torch backend is the
+caller's explicit request and sets torch's (process-wide) intra-op pool once, at load.
+
+**Where the GIL is released.** The backend forward (torch ATen kernels, onnxruntime ``run``)
+releases the GIL for its whole duration, so other Python threads (an asyncio event loop, audio
+decoding) keep running; so does the batched part of greedy decoding (an argmax over the batch).
+Padding, length sorting and the per-item post-processing (collapsing greedy paths, the prefix
+beam search, forced alignment's Viterbi) are Python and hold it; they are per item and short
+next to the forward, and :meth:`infer_batch` does them item by item so no single hold is long.
 
 A backend maps a padded waveform batch ``(B, S) float32, lengths (B,) int64`` to CTC
-``(log_probs (B, T', V), out_lens (B,))``; everything else (decoding, word times by forced
-alignment, batching by duration, VAD segmentation of long audio) is shared here.
-
-A checkpoint (``.pt``) carries its config, tokenizer and CMVN; a harken ONNX file carries the same
-facts in its ``metadata_props`` (``sample_rate``, ``feature_config``, ``vocabulary``,
-``subsampling_factor``, ``model_type``, ``encoder_type``, ``frame_shift``, ``blank_id``,
-``streaming_chunk``; optionally ``tokenizer``: the tokenizer's ``to_dict()`` as JSON, needed for
-BPE encoding in forced alignment and hotwords).
+``(log_probs (B, T', V), out_lens (B,))``; everything else is shared here.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+import threading
+import time
+from collections import OrderedDict
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from harken.audio import SAMPLE_RATE, as_waveform
+from harken.audio import AudioError, as_waveform
 from harken.data.sampler import length_batches
+from harken.models.info import ModelInfo, file_model_id
 from harken.runtime.blocks import iter_blocks
+from harken.runtime.options import DecodeOptions, ItemError
 from harken.runtime.results import Segment, Transcript, Word
 
-__all__ = ["Engine", "ModelInfo", "TorchBackend", "OnnxBackend", "VocabTokenizer", "read_onnx_metadata"]
+__all__ = ["Engine", "ModelInfo", "DecodeOptions", "ItemError", "TorchBackend", "OnnxBackend", "VocabTokenizer",
+           "read_onnx_metadata", "DEFAULT_MAX_ITEM_SECONDS"]
 
-
-@dataclass
-class ModelInfo:
-    """What the engine needs to know about a model besides its weights."""
-
-    sample_rate: int = SAMPLE_RATE
-    frame_shift: float = 0.01  # seconds per feature frame (before subsampling)
-    frame_length: float = 0.025  # seconds per feature window
-    subsampling: int = 4
-    encoder_type: str = "conformer"
-    model_type: str = "ctc"
-    blank_id: int = 0
-    streaming_chunk: int = 0  # output frames per chunk the model was exported/trained for (0: none)
-    time_offset: float | None = None  # seconds; None: computed by harken.decode.align.frame_offset
-
-    @property
-    def frame_seconds(self) -> float:
-        return self.frame_shift * self.subsampling
+DEFAULT_MAX_ITEM_SECONDS = 60.0  # one forward pass at most this long unless the caller says otherwise
+DECODER_CACHE_SIZE = 8
 
 
 # ------------------------------------------------------------------------------------ backends
 class TorchBackend:
-    """A :class:`harken.models.ctc.CtcModel` with its frontend, in eval mode."""
+    """A :class:`harken.models.ctc.CtcModel` with its frontend, in eval mode.
+
+    Inputs shorter than the model's smallest input are zero-padded up to it with their true
+    lengths kept, so they give zero output frames (an empty transcript) instead of a conv error."""
 
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.min_input = self._probe_min_input()
+
+    @torch.inference_mode()
+    def _probe_min_input(self) -> int:
+        for s in (160, 320, 400, 640, 800, 1200, 1600, 2400, 3200, 4800, 8000, 16000):
+            try:
+                self.model(torch.zeros(1, s, device=self.device), torch.tensor([s], device=self.device))
+                return s
+            except RuntimeError:
+                continue
+        return 16000
 
     @torch.inference_mode()
     def __call__(self, wave: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if wave.shape[1] < self.min_input:
+            wave = torch.nn.functional.pad(wave, (0, self.min_input - wave.shape[1]))
         lp, n = self.model(wave.to(self.device), lens.to(self.device))
         return lp.float().cpu(), n.cpu()
 
 
 class OnnxBackend:
-    """An onnxruntime session over a harken "wave" ONNX file (waveform in, log-probs out)."""
+    """One onnxruntime session over a harken "wave" ONNX file (waveform in, log-probs out)."""
 
     name = "onnx"
 
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
-        import onnxruntime as ort
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, providers=None):
+        from harken.runtime.ort import make_session
 
-        so = ort.SessionOptions()
-        if num_threads:
-            so.intra_op_num_threads = int(num_threads)
-            so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        self.session = make_session(self.path, num_threads=num_threads, providers=providers)
         ins = self.session.get_inputs()
-        if len(ins) != 2:
-            raise ValueError(f"{path}: expected inputs (waveform, lengths), found {[i.name for i in ins]}")
-        self.input_names = [i.name for i in ins]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.min_input = int(self.metadata.get("min_input") or 0)
         if self.metadata.get("input_kind") == "fbank":
             raise ValueError(f"{path}: a fbank-input ONNX (sherpa-wenet variant) is for sherpa-onnx; "
                              "export the 'wave' variant for harken's engine")
+        if len(ins) != 2:
+            raise ValueError(f"{path}: expected inputs (waveform, lengths), found {[i.name for i in ins]}; "
+                             "a streaming ONNX runs through harken.runtime.streaming")
+        self.input_names = [i.name for i in ins]
+        self.min_input = int(self.metadata.get("min_input") or 0)
 
     def __call__(self, wave: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if wave.shape[1] < self.min_input:  # the graph's smallest input; lengths stay true
@@ -159,97 +168,78 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-def _info_from_metadata(meta: dict[str, str], path: str) -> tuple[ModelInfo, Any]:
-    def need(key):
-        if key not in meta:
-            raise ValueError(f"{path}: ONNX metadata has no '{key}'; re-export it with `harken export`")
-        return meta[key]
+def tokenizer_from_info(info: ModelInfo):
+    """The tokenizer an artifact carries (its ``to_dict``), else one from its vocabulary."""
+    if info.tokenizer:
+        from harken.text.tokenizer import tokenizer_from_dict
 
-    from harken.text.tokenizer import tokenizer_from_dict
+        return tokenizer_from_dict(info.tokenizer)
+    return VocabTokenizer(list(info.vocabulary))
 
-    vocab = json.loads(need("vocabulary"))
-    tok = tokenizer_from_dict(json.loads(meta["tokenizer"])) if meta.get("tokenizer") else VocabTokenizer(vocab)
-    feat = json.loads(meta.get("feature_config") or "{}")
-    if meta.get("frame_shift_ms"):
-        shift = float(meta["frame_shift_ms"]) / 1000.0
-    else:
-        shift = float(meta.get("frame_shift") or feat.get("frame_shift_ms", 10.0))
-        if shift >= 1.0:  # milliseconds
-            shift /= 1000.0
-    sub = int(need("subsampling_factor"))
-    if meta.get("output_frame_shift_ms"):  # the true output frame step (wav2vec2: 20 ms, not 10 x sub)
-        out_shift = float(meta["output_frame_shift_ms"]) / 1000.0
-        if abs(out_shift - shift * sub) > 1e-6:
-            shift, sub = out_shift, 1
-    info = ModelInfo(
-        sample_rate=int(meta.get("sample_rate", SAMPLE_RATE)),
-        frame_shift=shift,
-        frame_length=float(feat.get("frame_length_ms", 25.0)) / 1000.0,
-        subsampling=sub,
-        encoder_type=meta.get("encoder_type", "conformer"),
-        model_type=meta.get("model_type", "ctc"),
-        blank_id=int(meta.get("blank_id", 0)),
-        streaming_chunk=int(meta.get("streaming_chunk") or 0),
-        time_offset=float(meta["time_offset_ms"]) / 1000.0 if meta.get("time_offset_ms") else None,
-    )
-    if info.sample_rate != SAMPLE_RATE:
-        raise ValueError(f"{path}: model expects {info.sample_rate} Hz audio; harken reads {SAMPLE_RATE} Hz")
-    return info, tok
+
+class _Timer:
+    __slots__ = ("t0",)
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.t0 = time.perf_counter() - self.t0
 
 
 # -------------------------------------------------------------------------------------- engine
 class Engine:
-    """Batched offline inference (and streaming, on the torch backend) over one model."""
+    """Batched offline inference (and streaming sessions) over one model; immutable, thread-safe."""
 
-    def __init__(self, backend, tokenizer, info: ModelInfo, decode_cfg=None, config=None):
-        self._setup(backend, tokenizer, info, decode_cfg=decode_cfg, config=config)
-
-    def _setup(self, backend, tokenizer, info: ModelInfo, decode_cfg=None, config=None) -> None:
-        from harken.decode.align import frame_offset
-
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.info = info
-        self.config = config
-        self.frame_shift = info.frame_shift
-        self.subsampling = info.subsampling
-        self.encoder_type = info.encoder_type
-        self.time_offset = (info.time_offset if info.time_offset is not None
-                            else frame_offset(self.frame_shift, self.subsampling, info.frame_length))
+    def __init__(self, backend, tokenizer, info: ModelInfo, *, options: DecodeOptions | None = None,
+                 config=None, path: str | None = None, max_item_seconds: float | None = None,
+                 decode_cfg=None):
+        self._backend = backend
+        self._tokenizer = tokenizer
+        self._info = info
+        self._config = config
+        self._path = path
+        self._options = options if options is not None else DecodeOptions.from_config(decode_cfg)
+        limit = max_item_seconds if max_item_seconds is not None else (info.max_input_seconds or
+                                                                        DEFAULT_MAX_ITEM_SECONDS)
+        self._max_item_seconds = float(limit)
+        self._decoders: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
         self.warmup_calls = 0
-        self.decode_cfg = None
-        self._decoder = None
-        self.set_decoding(decode_cfg)
-
-    @classmethod
-    def _create(cls, *args, **kw) -> "Engine":
-        obj = cls.__new__(cls)
-        Engine._setup(obj, *args, **kw)
-        return obj
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
-    def from_model(cls, model, tokenizer, config, device: str | torch.device = "cpu",
-                   decode_cfg=None) -> "Engine":
+    def from_model(cls, model, tokenizer, config, device: str | torch.device = "cpu", *,
+                   options: DecodeOptions | None = None, decode_cfg=None, **kw) -> "Engine":
         """An engine over an in-memory :class:`CtcModel` (with frontend) and its experiment config."""
-        fb = config.model.fbank
-        info = ModelInfo(sample_rate=fb.sample_rate, frame_shift=fb.frame_shift_ms / 1000.0,
-                         frame_length=fb.frame_length_ms / 1000.0,
-                         subsampling=getattr(model, "subsampling_factor", None) or 4,
-                         encoder_type=config.model.encoder.type,
-                         streaming_chunk=int(getattr(config.model.encoder, "chunk_size", 0) or 0))
-        frame_seconds = getattr(getattr(model, "encoder", None), "frame_seconds", None)
-        if frame_seconds:  # encoders on raw waveforms (wav2vec2: 20 ms per output frame)
-            info.frame_shift, info.subsampling = float(frame_seconds), 1
-        return cls._create(TorchBackend(model, device), tokenizer, info, decode_cfg=decode_cfg, config=config)
+        info = ModelInfo.from_model(model, tokenizer, config)
+        return cls._make(TorchBackend(model, device), tokenizer, info, options=options, decode_cfg=decode_cfg,
+                         config=config, **kw)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "auto", num_threads: int | None = None,
-             decode_cfg=None, device: str = "cpu", warmup: bool = True) -> "Engine":
-        """``path``: a harken checkpoint (``.pt``; torch backend) or a harken ONNX file
-        (``.onnx``; onnxruntime backend).  ``backend``: "auto" (by the file), "torch" or "onnx".
-        ``num_threads``: torch intra-op threads (process-wide) / ORT ``intra_op_num_threads``.
-        ``warmup``: run one dummy inference now, so the first request is not slow."""
+    def _make(cls, backend, tokenizer, info, **kw) -> "Engine":
+        obj = cls.__new__(cls)
+        Engine.__init__(obj, backend, tokenizer, info, **kw)
+        return obj
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "auto", num_threads: int | None = None, *,
+             providers: Sequence[str] | None = None, device: str = "cpu", warmup: bool = True,
+             options: DecodeOptions | None = None, decode_cfg=None,
+             max_item_seconds: float | None = None) -> "Engine":
+        """``path``: a harken checkpoint (``.pt``; torch backend) or a harken ONNX file (``.onnx``;
+        onnxruntime backend). ``backend``: "auto" (by the file), "torch" or "onnx".
+        ``num_threads``: ORT ``intra_op_num_threads`` for this session; on the torch backend it
+        sets torch's process-wide intra-op pool (an explicit request: nothing is changed
+        otherwise). ``providers``: ORT execution providers (default CPU). ``options``: the default
+        :class:`DecodeOptions` of calls that pass none. ``warmup``: one dummy inference now, so the
+        first request is not slow. ``max_item_seconds``: the longest input of one forward pass
+        (default: the model's limit, else 60 s); longer inputs are VAD-segmented by
+        :meth:`transcribe` and refused (or segmented, with ``long_form``) by :meth:`infer_batch`.
+
+        Raises FileNotFoundError for a missing file and ValueError (naming the file) for one that
+        is not a usable harken model."""
         path = str(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such model file")
@@ -258,107 +248,148 @@ class Engine:
         is_onnx = path.endswith(".onnx")
         if backend == "auto":
             backend = "onnx" if is_onnx else "torch"
+        kw = dict(options=options, decode_cfg=decode_cfg, path=path, max_item_seconds=max_item_seconds)
         if backend == "onnx":
             if not is_onnx:
                 raise ValueError(f"{path}: the onnx backend needs an .onnx file; export one with `harken export`")
-            be = OnnxBackend(path, num_threads)
-            info, tok = _info_from_metadata(be.metadata, path)
-            eng = cls._create(be, tok, info, decode_cfg=decode_cfg)
+            be = _open_onnx(path, num_threads, providers)
+            info = ModelInfo.from_metadata(be.metadata, where=path)
+            if not info.model_id:
+                info = info.replace(model_id=file_model_id(path))
+            eng = cls._make(be, tokenizer_from_info(info), info, **kw)
         else:
             if is_onnx:
                 raise ValueError(f"{path}: an ONNX file needs backend 'onnx' (or 'auto')")
-            eng = cls._from_checkpoint(path, device, num_threads, decode_cfg)
+            from harken.models.load import load_model
+
+            if num_threads:
+                torch.set_num_threads(int(num_threads))
+            lm = load_model(path, device=device)
+            eng = cls._make(TorchBackend(lm.model, device), lm.tokenizer, lm.info, config=lm.config, **kw)
         if warmup:
             eng.warmup()
         return eng
-
-    @classmethod
-    def _from_checkpoint(cls, path: str, device: str, num_threads: int | None, decode_cfg) -> "Engine":
-        from harken.config import ExperimentConfig, from_dict
-        from harken.text.tokenizer import tokenizer_from_dict
-        from harken.train.checkpoint import load_checkpoint
-        from harken.train.trainer import build_model
-
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
-        obj = load_checkpoint(path)
-        for key in ("config", "model", "tokenizer"):
-            if key not in obj:
-                raise ValueError(f"{path}: not a harken checkpoint (missing '{key}')")
-        cfg = from_dict(ExperimentConfig, obj["config"])
-        tok = tokenizer_from_dict(obj["tokenizer"])
-        model = build_model(cfg, tok.vocab_size)
-        model.load_state_dict(obj["model"])
-        return cls.from_model(model, tok, cfg, device, decode_cfg=decode_cfg)
 
     def warmup(self, seconds: float = 1.0) -> None:
         """One dummy inference (allocations, oneDNN/ORT kernel selection) so that the first real
         request runs at full speed."""
         rng = np.random.default_rng(0)
-        wave = (0.01 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
-        self._log_probs([wave])
+        wave = (0.01 * rng.standard_normal(int(seconds * self.sample_rate))).astype(np.float32)
+        self.log_probs([wave])
         self.warmup_calls += 1
 
     # ---------------------------------------------------------------------------------- basics
     @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def config(self):
+        """The experiment config of a checkpoint (None for exported models)."""
+        return self._config
+
+    @property
+    def options(self) -> DecodeOptions:
+        """Default decoding options of calls that pass none."""
+        return self._options
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    @property
+    def backend(self):
+        return self._backend
+
+    @property
     def model(self):
-        """The torch model (torch backend only; None for ONNX)."""
-        return getattr(self.backend, "model", None)
+        """The torch model (torch backend only; None otherwise)."""
+        return getattr(self._backend, "model", None)
 
     @property
     def device(self) -> torch.device:
-        return getattr(self.backend, "device", torch.device("cpu"))
+        return getattr(self._backend, "device", torch.device("cpu"))
 
     @property
     def backend_name(self) -> str:
-        return self.backend.name
+        return self._backend.name
 
-    def set_decoding(self, decode_cfg) -> None:
-        """Use ``harken.decode.DecodeConfig`` (beam, LM, hotwords) instead of greedy decoding; the
-        decoder (and its LM) is built once here, not per call."""
-        self.decode_cfg = decode_cfg
-        self._decoder = None
-        if decode_cfg is not None and decode_cfg.method != "greedy":
-            from harken.decode import build_decoder
+    @property
+    def sample_rate(self) -> int:
+        return int(self._info.sample_rate)
 
-            self._decoder = build_decoder(self.tokenizer, decode_cfg)
+    @property
+    def max_item_seconds(self) -> float:
+        return self._max_item_seconds
+
+    @property
+    def frame_seconds(self) -> float:
+        return self._info.output_frame_shift
+
+    @property
+    def encoder_type(self) -> str:
+        return self._info.encoder_type
+
+    def _decoder(self, options: DecodeOptions):
+        """The beam decoder for ``options`` (None for greedy), built once per option set (LRU)."""
+        if options.method == "greedy":
+            return None
+        key = options.decoder_key
+        with self._lock:
+            dec = self._decoders.get(key)
+            if dec is not None:
+                self._decoders.move_to_end(key)
+                return dec
+        from harken.decode import build_decoder
+
+        dec = build_decoder(self._tokenizer, options.decode_config())  # outside the lock: LM loading is slow
+        with self._lock:
+            self._decoders[key] = dec
+            self._decoders.move_to_end(key)
+            while len(self._decoders) > DECODER_CACHE_SIZE:
+                self._decoders.popitem(last=False)
+        return dec
 
     def _as_wave(self, audio) -> tuple[np.ndarray, str]:
-        return as_waveform(audio)
+        return as_waveform(audio, sample_rate=self.sample_rate)
 
-    def _log_probs(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Per waveform: its CTC log-probs (T', V) float32 on the CPU."""
+    def log_probs(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Per waveform: its CTC log-probs (T', V) float32 on the CPU (one padded forward)."""
         from harken.data.dataset import pad_waves
 
         wave, lens = pad_waves(waves)
-        log_probs, out_lens = self.backend(wave, lens)
+        log_probs, out_lens = self._backend(wave, lens)
         return [log_probs[b, : int(n)] for b, n in enumerate(out_lens.tolist())]
 
-    log_probs = _log_probs
-
-    def _text(self, lp: torch.Tensor, toks) -> str:
-        if self._decoder is not None:
-            from harken.decode import decode_texts
-
-            return decode_texts(lp[None], torch.tensor([lp.shape[0]]), self.tokenizer, self.decode_cfg,
-                                self._decoder)[0]
-        return self.tokenizer.decode([t for t, *_ in toks])
-
-    def _decode(self, waves: Sequence[np.ndarray]) -> list[Transcript]:
-        return [self.transcript_from_log_probs(lp, len(w) / SAMPLE_RATE)
-                for w, lp in zip(waves, self._log_probs(waves))]
-
-    def transcript_from_log_probs(self, lp: torch.Tensor, duration: float) -> Transcript:
-        """Text, word times and confidence of one utterance's log-probs (T', V)."""
+    # ------------------------------------------------------------------------------- decoding
+    def transcript_from_log_probs(self, lp: torch.Tensor, duration: float,
+                                  options: DecodeOptions | None = None) -> Transcript:
+        """Text, confidence and (when ``options.word_timestamps``) word times of one utterance's
+        log-probs (T', V)."""
+        options = options or self._options
+        t0 = time.perf_counter()
         from harken.decode.greedy import greedy_frames
 
         toks = greedy_frames(lp[None], torch.tensor([lp.shape[0]]))[0]
-        text = self._text(lp, toks)
-        words = self._aligned_words(lp, text)
-        if words is None:  # fall back to the greedy spikes
-            words = self._words(toks, self.frame_shift * self.subsampling)
+        dec = self._decoder(options)
+        if dec is not None:
+            hyps = dec.decode(lp[None], torch.tensor([lp.shape[0]]), nbest=1)[0]
+            text = hyps[0].text if hyps else ""
+        else:
+            text = self._tokenizer.decode([t for t, *_ in toks])
+        t1 = time.perf_counter()
+        words: list[Word] = []
+        if options.word_timestamps:
+            aligned = self._aligned_words(lp, text)
+            words = aligned if aligned is not None else self._words(toks, self.frame_seconds)
+        t2 = time.perf_counter()
         conf = float(np.mean([c for *_, c in toks])) if toks else 0.0
-        return Transcript(text=text, words=words, confidence=conf, duration=duration)
+        return Transcript(text=text, words=words, confidence=conf, duration=duration,
+                          timings={"decoder": t1 - t0, "alignment": t2 - t1})
 
     def _aligned_words(self, log_probs: torch.Tensor, text: str, strict: bool = False) -> list[Word] | None:
         """Forced alignment of ``text`` to one utterance's log-probs (T, V); None (or, with
@@ -367,9 +398,9 @@ class Engine:
 
         if not text.strip():
             return []
+        info = self._info
         try:
-            spans = align_text(log_probs, text, self.tokenizer, self.frame_shift, self.subsampling,
-                               self.time_offset)
+            spans = align_text(log_probs, text, self._tokenizer, info.output_frame_shift, 1, info.time_offset)
         except AlignmentError:
             if strict:
                 raise
@@ -377,9 +408,9 @@ class Engine:
         return [Word(s.word, s.start, s.end, s.confidence) for s in spans]
 
     def _words(self, toks, step: float) -> list[Word]:
-        """Group tokens into words: a symbol starting with the word-boundary mark (U+2581) ends the
+        """Greedy-spike word times: a symbol starting with the word-boundary mark (U+2581) ends the
         current word; if it carries letters (a BPE piece) it also begins the next one."""
-        symbols = self.tokenizer.tokens
+        symbols = self._tokenizer.tokens
         words: list[list] = []
         cur: list | None = None
         for tok, s, e, c in toks:
@@ -397,71 +428,196 @@ class Engine:
                 cur[3].append(c)
         if cur:
             words.append(cur)
-        off = self.time_offset
+        off = self._info.time_offset
         return [Word(w, max(0.0, s * step + off), (e + 1) * step + off, float(np.mean(cs)))
                 for w, s, e, cs in words]
 
+    # ------------------------------------------------------------------------------ batch call
+    def infer_batch(self, waves: Sequence, options: DecodeOptions | None = None, *,
+                    max_item_seconds: float | None = None, long_form: bool = False,
+                    max_batch_frames: int | None = None, sources: Sequence[str] | None = None
+                    ) -> list[Transcript | ItemError]:
+        """Transcribe already-decoded waveforms (1-D, at ``self.sample_rate``; any int/float
+        dtype is scaled, see :func:`harken.audio.as_waveform`). Returns, per input and in order,
+        a :class:`Transcript` or an :class:`ItemError`; one bad item never fails the others.
+
+        Limits: an item longer than ``max_item_seconds`` (default: the engine's) is an
+        ``ItemError("too_long")``, or with ``long_form`` is cut by VAD into segments (returned
+        in ``Transcript.segments``). ``max_batch_frames``: the most padded feature frames (10 ms)
+        in one forward (default: 200 s of audio). Items are sorted by length into batches.
+
+        Each result's ``timings`` holds seconds spent on it: ``frontend_encoder`` (its share,
+        by length, of its batch's forward), ``decoder`` and ``alignment``; ``batch_size`` and
+        ``padding`` (the fraction of padded samples in its batch) describe the batch it rode in."""
+        options = options or self._options
+        limit = float(max_item_seconds) if max_item_seconds is not None else self._max_item_seconds
+        sr = self.sample_rate
+        results: list[Transcript | ItemError | None] = [None] * len(waves)
+        ok: list[int] = []
+        arrays: dict[int, np.ndarray] = {}
+        for i, w in enumerate(waves):
+            src = sources[i] if sources is not None else ""
+            try:
+                arr, _ = as_waveform(w, sample_rate=sr) if not _is_plain_wave(w) else (w, "<array>")
+            except (AudioError, TypeError, ValueError) as e:
+                results[i] = ItemError("bad_audio", f"item {i}: {e}", index=i, source=src)
+                continue
+            dur = len(arr) / sr
+            if limit and dur > limit:
+                if not long_form:
+                    results[i] = ItemError("too_long", f"item {i}: {dur:.1f} s of audio is over the limit of "
+                                           f"{limit:g} s for one input (ask for long_form segmentation)",
+                                           index=i, source=src)
+                    continue
+                try:
+                    t = Transcript.from_segments(self.transcribe_segments(arr, options=options,
+                                                                          max_segment=min(20.0, limit)),
+                                                 source=src, duration=dur)
+                    results[i] = t
+                except Exception as e:  # noqa: BLE001 - one item's failure stays that item's
+                    results[i] = ItemError("internal", f"item {i}: {type(e).__name__}: {e}", index=i, source=src)
+                continue
+            arrays[i] = arr
+            ok.append(i)
+        budget = (max_batch_frames * self._info.frame_shift) if max_batch_frames else 200.0
+        durs = [len(arrays[i]) / sr for i in ok]
+        for batch in length_batches(durs, max(budget, max(durs, default=0.0))):
+            idx = [ok[j] for j in batch]
+            for i, r in zip(idx, self._run_batch([arrays[i] for i in idx], options)):
+                if isinstance(r, ItemError):
+                    r.index, r.source = i, sources[i] if sources is not None else ""
+                    r.message = f"item {i}: {r.message}"
+                elif sources is not None:
+                    r.source = sources[i]
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def _run_batch(self, waves: list[np.ndarray], options: DecodeOptions) -> list[Transcript | ItemError]:
+        sr = self.sample_rate
+        try:
+            with _Timer() as tm:
+                lps = self.log_probs(waves)
+        except Exception as e:  # noqa: BLE001
+            if len(waves) > 1:  # find the culprit: one at a time
+                return [r for w in waves for r in self._run_batch([w], options)]
+            return [ItemError("internal", f"inference failed ({type(e).__name__}: {e})")]
+        total = sum(len(w) for w in waves) or 1
+        padded = max(len(w) for w in waves) * len(waves) or 1
+        out: list[Transcript | ItemError] = []
+        for w, lp in zip(waves, lps):
+            try:
+                t = self.transcript_from_log_probs(lp, len(w) / sr, options)
+            except Exception as e:  # noqa: BLE001
+                out.append(ItemError("internal", f"decoding failed ({type(e).__name__}: {e})"))
+                continue
+            t.timings["frontend_encoder"] = tm.t0 * len(w) / total
+            t.timings["batch_size"] = float(len(waves))
+            t.timings["padding"] = 1.0 - total / padded
+            out.append(t)
+        return out
+
     # ------------------------------------------------------------------------------ public API
+    def transcribe(self, audio, options: DecodeOptions | None = None) -> Transcript:
+        """Transcribe one input: a file path, raw file bytes, a binary file object, or a 1-D
+        waveform (numpy of any int/float dtype, or a torch tensor) at ``self.sample_rate``.
+        Inputs longer than ``max_item_seconds`` are cut by VAD and come back with ``segments``.
+        Raises :class:`harken.audio.AudioError` for unusable audio."""
+        t0 = time.perf_counter()
+        wave, src = self._as_wave(audio)
+        t_dec = time.perf_counter() - t0
+        r = self.infer_batch([wave], options, long_form=True)[0]
+        if isinstance(r, ItemError):
+            if r.code == "bad_audio":
+                raise AudioError(f"{src}: {r.message.split(': ', 1)[-1]}", code="bad_input")
+            raise RuntimeError(f"{src}: {r.message}")
+        r.source = src
+        r.timings["audio_decode"] = t_dec
+        return r
+
+    def iter_transcribe(self, inputs: Sequence, options: DecodeOptions | None = None,
+                        max_duration: float = 200.0) -> Iterator[tuple[int, Transcript | ItemError]]:
+        """Transcribe many inputs (paths, bytes, waveforms), yielding ``(index, result)`` as each
+        batch of about ``max_duration`` seconds finishes (results of a batch in input order, not
+        necessarily overall). Only one batch of audio is held at a time; a file that cannot be
+        read is an ``ItemError("bad_audio")`` and the rest go on."""
+        pending: list[tuple[int, np.ndarray, str]] = []
+        held = 0.0
+
+        def flush():
+            res = self.infer_batch([w for _, w, _ in pending], options, long_form=True,
+                                   sources=[s for *_, s in pending])
+            out = [(i, r) for (i, _, _), r in zip(pending, res)]
+            pending.clear()
+            return out
+
+        for i, a in enumerate(inputs):
+            try:
+                w, src = self._as_wave(a)
+            except (AudioError, TypeError, ValueError, OSError) as e:
+                yield i, ItemError("bad_audio", str(e), index=i, source=str(a) if isinstance(a, (str, os.PathLike))
+                                   else type(a).__name__)
+                continue
+            pending.append((i, w, src))
+            held += len(w) / self.sample_rate
+            if held >= max_duration:
+                yield from flush()
+                held = 0.0
+        if pending:
+            yield from flush()
+
+    def transcribe_batch(self, inputs: Sequence, options: DecodeOptions | None = None,
+                         max_duration: float = 200.0) -> list[Transcript | ItemError]:
+        """:meth:`iter_transcribe` collected in input order (an ItemError where one failed)."""
+        out: list = [None] * len(inputs)
+        for i, r in self.iter_transcribe(inputs, options, max_duration):
+            out[i] = r
+        return out
+
     def align(self, audio, text: str, normalize: bool = True) -> list[Word]:
-        """Word times and confidences of a known transcript ``text`` in ``audio`` (path, bytes or
-        waveform) by CTC forced alignment. The text is normalised first (``normalize``), so the
-        words returned are the normalised ones. Raises
-        :class:`harken.decode.align.AlignmentError` when the audio is too short for the text."""
+        """Word times and confidences of a known transcript ``text`` in ``audio`` by CTC forced
+        alignment. The text is normalised first (``normalize``), so the words returned are the
+        normalised ones. Raises :class:`harken.decode.align.AlignmentError` when the audio is too
+        short for the text."""
         from harken.text.normalize import normalize_text
 
         wave, _ = self._as_wave(audio)
         if normalize:
             text = normalize_text(text)
-        lp = self._log_probs([wave])[0]
+        lp = self.log_probs([wave])[0]
         return self._aligned_words(lp, text, strict=True) or []
 
-    def transcribe(self, audio) -> Transcript:
-        """Transcribe one file path, raw file bytes or a float32 16 kHz waveform."""
-        wave, src = self._as_wave(audio)
-        t = self._decode([wave])[0]
-        t.source = src
-        return t
-
-    def transcribe_batch(self, files: Sequence, max_duration: float = 200.0) -> list[Transcript]:
-        """Transcribe many files (paths, bytes or waveforms) in duration-sorted batches of at most
-        ``max_duration`` padded seconds; results in the input order."""
-        loaded = [self._as_wave(f) for f in files]
-        results: list[Transcript | None] = [None] * len(loaded)
-        for batch in length_batches([len(w) / SAMPLE_RATE for w, _ in loaded], max_duration):
-            for i, t in zip(batch, self._decode([loaded[i][0] for i in batch])):
-                t.source = loaded[i][1]
-                results[i] = t
-        return results  # type: ignore[return-value]
-
-    def transcribe_segments(self, audio, max_segment: float = 20.0, batch_size: int = 8, vad: str = "energy",
-                            block_seconds: float = 2.0, min_silence: float = 0.5, pad: float = 0.2,
-                            **vad_kw) -> Iterator[Segment]:
+    def transcribe_segments(self, audio, options: DecodeOptions | None = None, max_segment: float = 20.0,
+                            batch_size: int = 8, vad: str = "energy", block_seconds: float = 2.0,
+                            min_silence: float = 0.5, pad: float = 0.2, **vad_kw) -> Iterator[Segment]:
         """Transcribe a recording of any length, lazily (a generator, like faster-whisper's
-        ``segments``): the file is read in blocks of ``block_seconds``, cut at pauses into pieces
-        of at most ``max_segment`` seconds (forced cuts where speech runs on), decoded
-        ``batch_size`` pieces at a time, and the segments are yielded in order with file-relative
-        times. Memory stays bounded by the batch, not the file.
-
-        ``audio``: a path (soundfile formats are streamed; others are streamed through ffmpeg),
-        raw bytes, or a 1-D float32 16 kHz waveform. ``vad``: "energy", "webrtc" or "auto";
-        ``vad_kw`` go to the detector (e.g. ``margin_db``, ``hangover``)."""
+        ``segments``): the input is read in blocks of ``block_seconds`` (files: soundfile formats
+        streamed, others streamed through ffmpeg), cut at pauses into pieces of at most
+        ``max_segment`` seconds (forced cuts where speech runs on), decoded ``batch_size`` pieces at
+        a time, and the segments are yielded in order with input-relative times. Memory stays
+        bounded by the batch, not the input. ``vad``: "energy", "webrtc" or "auto"; ``vad_kw`` go
+        to the detector (e.g. ``margin_db``, ``hangover``)."""
         from harken.vad import Segmenter, make_vad
 
-        seg = Segmenter(vad=make_vad(vad, **vad_kw), max_segment=max_segment, min_silence=min_silence,
-                        pad=pad)
+        options = options or self._options
+        sr = self.sample_rate
+        seg = Segmenter(vad=make_vad(vad, **vad_kw), max_segment=max_segment, min_silence=min_silence, pad=pad)
         pending: list[tuple[int, np.ndarray]] = []
         next_id = 0
 
         def run() -> Iterator[Segment]:
             nonlocal next_id
-            for (start, wave), t in zip(pending, self._decode([w for _, w in pending])):
-                off = start / SAMPLE_RATE
+            lps = self.log_probs([w for _, w in pending])
+            for (start, wave), lp in zip(pending, lps):
+                t = self.transcript_from_log_probs(lp, len(wave) / sr, options)
+                off = start / sr
                 words = [Word(w.word, w.start + off, w.end + off, w.confidence) for w in t.words]
-                yield Segment(next_id, off, off + len(wave) / SAMPLE_RATE, t.text, words, t.confidence)
+                yield Segment(next_id, off, off + len(wave) / sr, t.text, words, t.confidence)
                 next_id += 1
             pending.clear()
 
         for block in iter_blocks(audio, block_seconds):
+            if not np.all(np.isfinite(block)):
+                raise AudioError(f"{_name(audio)}: audio contains NaN or infinite samples", code="corrupt")
             for piece in seg.push(block):
                 pending.append(piece)
                 if len(pending) >= batch_size:
@@ -475,18 +631,43 @@ class Engine:
 
     transcribe_long = transcribe_segments
 
-    def stream(self, chunk_size: int | None = None, left_chunks: int | None = None):
-        """A :class:`harken.runtime.streaming.StreamingDecoder` over this engine's torch model.
-        ``chunk_size`` (output frames of 40 ms; default: the model's ``encoder.chunk_size``, else
-        16) and ``left_chunks`` (default: the model's; -1 unlimited)."""
+    def stream(self, chunk_size: int | None = None, left_chunks: int | None = None,
+               options: DecodeOptions | None = None):
+        """A single-stream :class:`harken.runtime.streaming.StreamingDecoder` over this engine's
+        torch model (``chunk_size``: output frames per chunk; default the model's, else 16)."""
         from harken.runtime.streaming import StreamingDecoder
 
         if self.model is None:
-            raise ValueError("streaming needs the torch backend (a .pt checkpoint); "
-                             "ONNX streaming uses harken.runtime.streaming_onnx")
-        return StreamingDecoder(self.model, self.tokenizer, chunk_size=chunk_size, left_chunks=left_chunks,
-                                decode_cfg=self.decode_cfg, decoder=self._decoder)
+            raise ValueError("Engine.stream needs the torch backend; for ONNX use "
+                             "harken.runtime.streaming.StreamingModel on a streaming ONNX export")
+        options = options or self._options
+        return StreamingDecoder(self.model, self._tokenizer, chunk_size=chunk_size, left_chunks=left_chunks,
+                                decode_cfg=options.decode_config(), decoder=self._decoder(options))
 
     def __repr__(self) -> str:
         return (f"Engine(backend={self.backend_name}, encoder={self.encoder_type}, "
-                f"vocab={len(self.tokenizer.tokens)})")
+                f"vocab={len(self._tokenizer.tokens)}, model_id={self._info.model_id or '-'})")
+
+
+def _is_plain_wave(w) -> bool:
+    return isinstance(w, np.ndarray) and w.dtype == np.float32 and w.ndim == 1 and bool(np.isfinite(w).all())
+
+
+def _name(audio) -> str:
+    if isinstance(audio, (str, os.PathLike)):
+        return str(audio)
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    if isinstance(audio, np.ndarray):
+        return "<array>"
+    return f"<{type(audio).__name__}>"
+
+
+def _open_onnx(path: str, num_threads, providers) -> OnnxBackend:
+    try:
+        return OnnxBackend(path, num_threads, providers)
+    except ValueError:
+        raise
+    except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, ... on a corrupt or foreign file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a loadable ONNX model ({msg[:200]})") from None

@@ -50,6 +50,9 @@ class Transcript:
     duration: float = 0.0
     source: str = ""
     segments: list[Segment] = field(default_factory=list)  # long files; empty = one segment
+    # seconds spent on this input by stage: audio_decode, frontend_encoder (its share of the batch
+    # forward), decoder, alignment; plus batch_size and padding of the batch it rode in
+    timings: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         segs = self.segments or [Segment(0, 0.0, self.duration, self.text, self.words, self.confidence)]
