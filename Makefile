@@ -12,7 +12,7 @@ DEMO_CFG ?= configs/demo.yaml
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[voices,export,wav2vec2,sherpa,bench,dev]'
+	$(BIN)/pip install -q -e '.[voices,export,wav2vec2,sherpa,bench,serve,pretrained,dev]'
 	$(BIN)/pip install -q 'kenlm==0.3.0' || echo "kenlm did not build: the KenLM cross-check test will be skipped"
 	touch $(STAMP)
 

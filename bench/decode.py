@@ -89,14 +89,14 @@ def main() -> None:
         if not a.manifest:
             ap.error("--checkpoint needs --manifest")
         from harken.data.manifest import read_manifest
-        from harken.decode.tune import log_probs_for_records
+        from harken.evaluate import log_probs_for_records
         from harken.recognizer import Recognizer
         from harken.text.normalize import normalize_text
 
         rec = Recognizer.load(a.checkpoint, num_threads=a.threads)
         records = read_manifest(a.manifest)[: a.utts] if a.utts else read_manifest(a.manifest)
         tok = rec.tokenizer
-        lps = log_probs_for_records(rec.model, records)
+        lps = log_probs_for_records(rec, records)
         refs = [normalize_text(r.text) for r in records]
         audio = sum(r.duration for r in records)
         source = a.manifest

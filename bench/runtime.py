@@ -2,7 +2,13 @@
 
 Engines, all on the same utterances, greedy CTC, one utterance per call (batch 1):
 
-    torch        PyTorch eager (the checkpoint itself, fbank + CMVN in torch)
+    engine-torch        harken's Engine as a user calls it: the WAV file's bytes in
+                        (``Engine.transcribe(bytes)``: decode, resample check, batch of one, forward,
+                        greedy decoding), text out; torch backend
+    engine-torch+words  the same with ``DecodeOptions(word_timestamps=True)`` (forced alignment)
+    engine-ort          / engine-ort+words: the Engine on the wave ONNX export (onnxruntime)
+    engine-torchscript  the Engine on the TorchScript export; engine-pt2: on the AOTInductor package
+    torch        PyTorch eager (the checkpoint itself, fbank + CMVN in torch), raw model + greedy
     ort-fp32     onnxruntime, the wave ONNX export (fbank + CMVN inside the graph)
     ort-int8     onnxruntime, the same export dynamically quantized (QUInt8 weights)
     sherpa-onnx  sherpa-onnx 2.0.1 OfflineRecognizer on the sherpa-wenet export (its own fbank in C++,
@@ -40,11 +46,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit, sgemm_gflops  # noqa: E402
 
-ENGINES = ["torch", "ort-fp32", "ort-int8", "sherpa-onnx", "pocketsphinx"]
+ENGINES = ["engine-torch", "engine-torch+words", "engine-ort", "engine-ort+words", "engine-torchscript",
+           "engine-pt2", "torch", "ort-fp32", "ort-int8", "sherpa-onnx", "pocketsphinx"]
+DEFAULT_ENGINES = ["engine-torch", "engine-torch+words", "engine-ort", "engine-ort+words", "torch", "ort-fp32",
+                   "ort-int8", "sherpa-onnx", "pocketsphinx"]
 
 
 def build_engines(ckpt: str, export_dir: Path, threads: list[int], names: list[str]) -> tuple[dict, dict]:
-    """``{(engine, threads): callable(wave) -> text}`` and ``{engine: note}``."""
+    """``{(engine, threads): callable(item) -> text}`` and ``{engine: note}``; ``item`` is
+    ``(waveform, file bytes)``."""
     from harken.decode.greedy import greedy_ids
     from harken.export.onnx import export_onnx
     from harken.export.quantize import quantize_int8
@@ -59,16 +69,42 @@ def build_engines(ckpt: str, export_dir: Path, threads: list[int], names: list[s
     def ctc_text(lp, n):
         return tok.decode(greedy_ids(torch.as_tensor(lp), torch.as_tensor(n))[0])
 
+    from harken.runtime import DecodeOptions, Engine
+
+    plain, words = DecodeOptions(), DecodeOptions(word_timestamps=True)
+    for t in threads:
+        if "engine-torch" in names or "engine-torch+words" in names:
+            eng = Engine.load(ckpt)  # torch threads: set per pass by the timing loop
+            out[("engine-torch", t)] = lambda it, e=eng: e.transcribe(it[1], options=plain).text
+            out[("engine-torch+words", t)] = lambda it, e=eng: e.transcribe(it[1], options=words).text
     if "torch" in names:
         for t in threads:
-            def run_torch(w):
+            def run_torch(it):
+                w = it[0]
                 with torch.inference_mode():
                     lp, n = model(torch.from_numpy(w)[None], torch.tensor([len(w)]))
                 return ctc_text(lp, n)
             out[("torch", t)] = run_torch
     wave_path = export_dir / "model.onnx"
-    if {"ort-fp32", "ort-int8"} & set(names):
+    if {"ort-fp32", "ort-int8", "engine-ort", "engine-ort+words"} & set(names):
         export_onnx(ckpt, wave_path, "wave")
+    for t in threads:
+        if {"engine-ort", "engine-ort+words"} & set(names):
+            eng = Engine.load(wave_path, num_threads=t)
+            out[("engine-ort", t)] = lambda it, e=eng: e.transcribe(it[1], options=plain).text
+            out[("engine-ort+words", t)] = lambda it, e=eng: e.transcribe(it[1], options=words).text
+    for name, fmt, suffix in (("engine-torchscript", "torchscript", ".ts"), ("engine-pt2", "pt2", ".pt2")):
+        if name not in names:
+            continue
+        try:
+            from harken.export.cli import export_artifact
+
+            path = export_artifact(ckpt, fmt, export_dir / f"model{suffix}")
+            for t in threads:
+                eng = Engine.load(path, num_threads=t)
+                out[(name, t)] = lambda it, e=eng: e.transcribe(it[1], options=plain).text
+        except Exception as e:  # noqa: BLE001
+            notes[name] = f"skipped: {type(e).__name__}: {e}"
     int8_path = export_dir / "model.int8.onnx"
     if "ort-int8" in names:
         quantize_int8(wave_path, int8_path)
@@ -78,7 +114,8 @@ def build_engines(ckpt: str, export_dir: Path, threads: list[int], names: list[s
         for t in threads:
             m = OnnxCtc(path, num_threads=t)
 
-            def run_ort(w, m=m):
+            def run_ort(it, m=m):
+                w = it[0]
                 lp, n = m(w[None], np.array([len(w)], dtype=np.int64))
                 return ctc_text(lp, n)
             out[(name, t)] = run_ort
@@ -94,7 +131,8 @@ def build_engines(ckpt: str, export_dir: Path, threads: list[int], names: list[s
             for t in threads:
                 r = recognizer(sp, sp.parent / "tokens.txt", num_threads=t)
 
-                def run_sherpa(w, r=r):
+                def run_sherpa(it, r=r):
+                    w = it[0]
                     s = r.create_stream()
                     s.accept_waveform(16000, w)
                     r.decode_stream(s)
@@ -113,7 +151,8 @@ def build_engines(ckpt: str, export_dir: Path, threads: list[int], names: list[s
                 if int(dec.config["samprate"]) != 16000:
                     raise RuntimeError(f"bundled model expects {dec.config['samprate']} Hz")
 
-                def run_ps(w, dec=dec):
+                def run_ps(it, dec=dec):
+                    w = it[0]
                     pcm = (np.clip(w, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
                     dec.start_utt()
                     dec.process_raw(pcm, full_utt=True)
@@ -134,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--max-utts", type=int, default=0, help="use the first N utterances (0: all)")
     p.add_argument("--export-dir", default=None, help="write (and keep) the exports here; default: a temp dir")
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"any of {','.join(ENGINES)}")
     a = p.parse_args(argv)
 
     from harken.audio import load_audio
@@ -156,6 +195,19 @@ def main(argv=None) -> int:
     if a.max_utts:
         recs = recs[: a.max_utts]
     waves = [load_audio(r.audio, offset=r.offset, duration=r.duration) for r in recs]
+    blobs = []  # what a user hands the Engine: the file's bytes
+    for r, w in zip(recs, waves):
+        if not r.offset and str(r.audio).endswith(".wav"):
+            blobs.append(Path(r.audio).read_bytes())
+        else:
+            import io
+
+            import soundfile as sf
+
+            buf = io.BytesIO()
+            sf.write(buf, w, 16000, subtype="PCM_16", format="WAV")
+            blobs.append(buf.getvalue())
+    items = list(zip(waves, blobs))
     refs = [normalize_text(r.text) for r in recs]
     audio_s = sum(len(w) for w in waves) / 16000.0
 
@@ -171,7 +223,7 @@ def main(argv=None) -> int:
     configs = list(engines)
     for c in configs:  # warm-up (first-call allocations, ORT arena, pocketsphinx search setup)
         torch.set_num_threads(c[1])
-        engines[c](waves[0])
+        engines[c](items[0])
 
     torch.set_num_threads(1)
     gemm_before = sgemm_gflops(1024)
@@ -180,11 +232,11 @@ def main(argv=None) -> int:
     for t in threads:  # thread count outermost: switching torch's pool size per call costs time
         torch.set_num_threads(t)
         group = [c for c in configs if c[1] == t]
-        for i, w in enumerate(waves):
+        for i, it in enumerate(items):
             k = i % len(group)
             for c in group[k:] + group[:k]:
                 t0 = time.perf_counter()
-                hyps[c][i] = engines[c](w)
+                hyps[c][i] = engines[c](it)
                 secs[c] += time.perf_counter() - t0
     torch.set_num_threads(1)
     gemm_after = sgemm_gflops(1024)
@@ -196,10 +248,17 @@ def main(argv=None) -> int:
                      "utts": len(waves), "audio_s": round(audio_s, 2), "note": notes.get(c[0], "")})
     print(f"\n{len(waves)} utterances, {audio_s:.1f} s of audio from {a.manifest}; checkpoint {a.checkpoint}")
     print(f"SGEMM 1 thread: {gemm_before:.0f} GFLOP/s before, {gemm_after:.0f} after\n")
-    print("| engine | threads | RTF | x real time | WER | CER | note |")
-    print("|---|---|---|---|---|---|---|")
+    raw = {"engine-torch": "torch", "engine-torch+words": "torch", "engine-ort": "ort-fp32",
+           "engine-ort+words": "ort-fp32", "engine-torchscript": "torch", "engine-pt2": "torch"}
+    by = {(r["engine"], r["threads"]): r for r in rows}
     for r in rows:
-        print(f"| {r['engine']} | {r['threads']} | {r['rtf']:.4f} | {1 / max(r['rtf'], 1e-9):.1f} | "
+        base = by.get((raw.get(r["engine"], ""), r["threads"]))
+        r["vs_raw"] = r["rtf"] / base["rtf"] if base else None
+    print("| engine | threads | RTF | x real time | vs raw model | WER | CER | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        vs = f"{r['vs_raw']:.2f}x" if r["vs_raw"] else ""
+        print(f"| {r['engine']} | {r['threads']} | {r['rtf']:.4f} | {1 / max(r['rtf'], 1e-9):.1f} | {vs} | "
               f"{100 * r['wer']:.2f}% | {100 * r['cer']:.2f}% | {r['note']} |")
     for name, note in notes.items():
         if note.startswith("skipped"):

@@ -1,7 +1,8 @@
-"""harken command line: synth | prepare | train | eval | transcribe.
+"""harken command line: synth | prepare | train | eval | transcribe | export | lm | tune | serve.
 
-User mistakes (bad paths, bad config keys, unreadable audio) print one clear line and exit 2;
-anything else is a bug and keeps its traceback.
+User mistakes (bad paths, bad config keys, unreadable audio, bad model files: ValueError subclasses
+and missing files) print one clear line and exit 2; ``--debug`` (anywhere on the line) shows the
+traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -47,12 +48,11 @@ def cmd_prepare(a) -> int:
 
     if a.kind == "cmvn":
         from harken.config import load_config
-        from harken.train.trainer import estimate_cmvn
+        from harken.data.dataset import estimate_cmvn
 
         cfg = load_config(a.config, a.overrides)
-        cfg.data.cmvn_utts = a.max_utts
         recs = read_manifest(a.source)
-        estimate_cmvn(recs, cfg, seed=0).to_file(a.output)
+        estimate_cmvn(recs, cfg.model.fbank, a.max_utts, seed=0).to_file(a.output)
         print(f"wrote {a.output} from {min(len(recs), a.max_utts)} utterances")
         return 0
     from harken.data.importers import IMPORTERS
@@ -63,10 +63,10 @@ def cmd_prepare(a) -> int:
     print(f"wrote {n} records ({hours:.2f} h) to {a.output}")
     if a.cmvn:
         from harken.config import load_config
-        from harken.train.trainer import estimate_cmvn
+        from harken.data.dataset import estimate_cmvn
 
         cfg = load_config(a.config, a.overrides)
-        estimate_cmvn(recs, cfg, seed=0).to_file(a.cmvn)
+        estimate_cmvn(recs, cfg.model.fbank, a.max_utts, seed=0).to_file(a.cmvn)
         print(f"wrote CMVN stats to {a.cmvn}")
     return 0
 
@@ -99,89 +99,140 @@ def _decode_cfg(a):
         raise ConfigError(str(e)) from None
 
 
+def _engine(path: str, threads: int = 0, backend: str = "auto", decode_cfg=None):
+    from harken.runtime import DecodeOptions, Engine
+
+    opts = DecodeOptions.from_config(decode_cfg)
+    return Engine.load(path, backend=backend, num_threads=threads or None, options=opts)
+
+
 def cmd_eval(a) -> int:
-    import torch
+    """WER/CER per manifest through the Engine (``.pt`` and ``.onnx`` alike); each set's files are
+    written as soon as it is decoded, and a manifest that fails is named and skipped."""
+    import time
 
     from harken.data.manifest import read_manifest
     from harken.evaluate import decode_records, error_report, write_errors
-    from harken.recognizer import Recognizer
     from harken.text.normalize import normalize_text
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    decode_cfg = _decode_cfg(a)
-    rec = Recognizer.load(a.checkpoint)
+    eng = _engine(a.checkpoint, a.threads, getattr(a, "backend", "auto"), _decode_cfg(a))
     out_dir = Path(a.out) if a.out else Path(a.checkpoint).resolve().parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    report_sets = []
+    rows, report_sets, failed = [], [], []
     for m in a.manifests:
         name = Path(m).stem
-        records = read_manifest(m)
-        import time
-
-        t0 = time.time()
-        hyps = decode_records(rec.model, records, rec.tokenizer, max_duration=a.max_duration,
-                              progress=not a.quiet, decode_cfg=decode_cfg)
-        dt = time.time() - t0
-        refs = [normalize_text(r.text) for r in records]
-        rep = error_report(refs, hyps).as_dict()
+        try:
+            records = read_manifest(m)
+            t0 = time.time()
+            hyps = decode_records(eng, records, max_duration=a.max_duration, progress=not a.quiet)
+            dt = time.time() - t0
+            refs = [normalize_text(r.text) for r in records]
+            rep = error_report(refs, hyps).as_dict()
+        except (ValueError, OSError) as e:
+            print(f"harken eval: error: {m}: {e}", file=sys.stderr)
+            failed.append(m)
+            continue
         audio = sum(r.duration for r in records)
         rep.update(set=name, hours=audio / 3600, rtf=dt / max(audio, 1e-9))
         write_errors(out_dir / f"errors-{name}.jsonl", records, refs, hyps)
         rows.append(rep)
+        (out_dir / "results.json").write_text(json.dumps(rows, indent=1))  # after every set
         if a.report:
             from harken.report import SetResult
 
             report_sets.append(SetResult(name, records, refs, hyps, rep))
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{'set':<16} {'utts':>6} {'words':>7} {'WER %':>7} {'CER %':>7} {'SER %':>7} {'RTF':>7}")
     for r in rows:
         print(f"{r['set']:<16} {r['num_utts']:>6} {r['num_words']:>7} {100 * r['wer']:>7.2f} "
               f"{100 * r['cer']:>7.2f} {100 * r['sentence_error_rate']:>7.2f} {r['rtf']:>7.4f}")
     print(f"\nper-utterance errors and results.json in {out_dir}")
-    if a.report:
+    if a.report and report_sets:
         from harken.report import find_exp_dir, write_report
 
-        exp_dir = find_exp_dir(a.checkpoint, rec.config.train.exp_dir)
+        exp_dir = find_exp_dir(a.checkpoint, eng.config.train.exp_dir if eng.config is not None else None)
         page = write_report(a.report, report_sets, exp_dir=str(exp_dir) if exp_dir else None,
                             max_worst=a.report_worst)
         print(f"HTML report: {page}")
+    if failed:
+        print(f"harken eval: error: {len(failed)} of {len(a.manifests)} manifests failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 
 # ------------------------------------------------------------------------------------ transcribe
-def cmd_transcribe(a) -> int:
+def _header_seconds(f: str) -> float | None:
+    """Duration from a soundfile header (cheap), or None for other containers (streamed)."""
     import soundfile as sf
 
+    try:
+        info = sf.info(f)
+        return info.frames / info.samplerate if info.samplerate > 0 else None
+    except Exception:
+        return None
+
+
+def cmd_transcribe(a) -> int:
+    """Results are written as soon as they are ready, in input order; a file that cannot be read is
+    reported on stderr and skipped; memory is bounded by one batch (long files and containers
+    soundfile cannot read are VAD-segmented block by block)."""
     from harken.output import write_transcripts
-    from harken.recognizer import Recognizer, Transcript, find_audio
+    from harken.recognizer import ItemError, Transcript, find_audio
 
     files = find_audio(a.inputs)
     if not files:
-        raise FileNotFoundError(f"no audio files in {a.inputs}")
+        raise FileNotFoundError(f"no audio files in {' '.join(a.inputs)}")
     if a.model:
         from harken.models.hf_wav2vec2 import HFWav2Vec2Recognizer
 
         rec = HFWav2Vec2Recognizer.load(a.model, num_threads=a.threads)
-    else:
-        rec = Recognizer.load(a.checkpoint, num_threads=a.threads, decode_cfg=_decode_cfg(a), backend=a.backend)
+        write_transcripts(rec.transcribe_batch(files, max_duration=a.max_duration), a.format, a.output_dir or "-")
+        return 0
+    eng = _engine(a.checkpoint, a.threads, a.backend, _decode_cfg(a))
+    opts = eng.options.with_(word_timestamps=a.format in ("json", "srt", "vtt"))
+    failures: list[str] = []
 
-    def duration(f: str) -> float:
-        try:
-            return sf.info(f).duration
-        except Exception:
-            return 0.0  # not a libsndfile format: treated as short (decoded whole)
+    def results():
+        short: list[str] = []
+        held = 0.0
 
-    long_files = set()
-    if hasattr(rec, "transcribe_long"):
-        long_files = {f for f in files if a.long or duration(f) > a.long_after}
-    short = [f for f in files if f not in long_files]
-    results = dict(zip(short, rec.transcribe_batch(short, max_duration=a.max_duration))) if short else {}
-    for f in long_files:  # VAD segments, read block by block: bounded memory for any length
-        segs = rec.transcribe_long(f, max_segment=a.max_segment, vad=a.vad)
-        results[f] = Transcript.from_segments(list(segs), source=f, duration=duration(f))
-    write_transcripts([results[f] for f in files], a.format, a.output_dir or "-")
+        def run_short():
+            nonlocal held
+            got = dict(eng.iter_transcribe(short, opts, max_duration=a.max_duration))
+            for j, f in enumerate(short):
+                yield f, got[j]
+            short.clear()
+            held = 0.0
+
+        for f in files:
+            secs = _header_seconds(f)
+            if not a.long and secs is not None and secs <= a.long_after:
+                short.append(f)
+                held += secs
+                if held >= a.max_duration:
+                    yield from run_short()
+                continue
+            yield from run_short()
+            try:  # VAD segments, read block by block: bounded memory for any length and container
+                segs = list(eng.transcribe_segments(f, options=opts, max_segment=a.max_segment, vad=a.vad))
+                yield f, Transcript.from_segments(segs, source=f, duration=segs[-1].end if segs else 0.0)
+            except (ValueError, OSError) as e:
+                yield f, ItemError("bad_audio", str(e), source=f)
+        yield from run_short()
+
+    def good():
+        for f, r in results():
+            if isinstance(r, ItemError):
+                failures.append(f)
+                print(f"harken transcribe: error: {r.message if f in r.message else f + ': ' + r.message}",
+                      file=sys.stderr, flush=True)
+                continue
+            yield r
+
+    write_transcripts(good(), a.format, a.output_dir or "-")
+    if failures:
+        print(f"harken transcribe: error: {len(failures)} of {len(files)} files failed", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -226,11 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifests", nargs="+")
     s.add_argument("--out", default=None, help="folder for results.json and errors-*.jsonl")
     s.add_argument("--max-duration", type=float, default=200.0)
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0, help="inference threads (torch: process-wide; ORT: session)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--report", default=None, metavar="DIR",
                    help="also write a static HTML error-analysis report (index.html + audio/) here")
     s.add_argument("--report-worst", type=int, default=30, help="worst utterances listed per set in the report")
+    s.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     add_decode_args(s)
     s.set_defaults(func=cmd_eval)
 
@@ -251,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0)
     add_decode_args(s)
     s.set_defaults(func=cmd_transcribe)
+    sub.add_parser("serve", help="serve a model over HTTP/WebSocket/gRPC (harken serve --help)", add_help=False)
     add_commands(sub)  # harken lm build, harken tune
     from harken.export.cli import add_commands as add_export_commands
 
@@ -259,23 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [x for x in argv if x != "--debug"]
+    if argv[:1] == ["serve"]:  # the server has its own argument parser
+        from harken.serve.cli import main as serve_main
+
+        return serve_main(argv[1:] + (["--debug"] if debug else []))
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from harken.audio import AudioError
-    from harken.data.manifest import ManifestError
-    from harken.decode.align import AlignmentError
-
-    user_errors: tuple = (AudioError, ManifestError, FileNotFoundError, AlignmentError)
-    try:
-        from harken.config import ConfigError
-
-        user_errors += (ConfigError,)
-    except ImportError:
-        pass
     try:
         return args.func(args)
-    except user_errors as e:
-        print(f"harken {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # user mistakes (bad audio, model file, config value, manifest, option) are ValueError
+        # subclasses or missing files: one line, exit 2; --debug shows the traceback
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"harken {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"harken {args.cmd}: interrupted", file=sys.stderr)

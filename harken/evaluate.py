@@ -13,7 +13,6 @@ import torch
 from harken.data.dataset import AsrDataset
 from harken.data.manifest import Record
 from harken.data.sampler import length_batches
-from harken.decode.greedy import greedy_ids
 
 
 def duration_batches(records: Sequence[Record], max_duration: float) -> list[list[int]]:
@@ -21,21 +20,23 @@ def duration_batches(records: Sequence[Record], max_duration: float) -> list[lis
     return length_batches([r.duration for r in records], max_duration)
 
 
-@torch.inference_mode()
-def decode_records(model, records: Sequence[Record], tokenizer, device=None,
-                   max_duration: float = 200.0, progress: bool = False, decode_cfg=None) -> list[str]:
-    """Decode every record (greedy, or ``decode_cfg``: beam, LM, hotwords); returns hypotheses in the
-    records' order."""
-    decoder = None
-    if decode_cfg is not None and decode_cfg.method != "greedy":
-        from harken.decode import build_decoder, decode_texts
+def as_engine(model_or_engine, tokenizer=None, config=None, device=None):
+    """An :class:`~harken.runtime.Engine` for an Engine (returned as is) or an in-memory CtcModel
+    with its tokenizer and experiment config (the trainer's dev evaluation)."""
+    from harken.runtime import Engine
 
-        decoder = build_decoder(tokenizer, decode_cfg)
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    if isinstance(model_or_engine, Engine):
+        return model_or_engine
+    if tokenizer is None or config is None:
+        raise TypeError("a bare model needs its tokenizer and config to be evaluated")
+    device = device or next(model_or_engine.parameters()).device
+    return Engine.from_model(model_or_engine, tokenizer, config, device)
+
+
+def iter_record_batches(records: Sequence[Record], max_duration: float = 200.0, progress: bool = False):
+    """``(indices, waveforms)`` of duration-sorted batches of manifest records: the one loop that
+    evaluation, tuning and the trainer's dev pass read audio through (one batch held at a time)."""
     ds = AsrDataset(records)
-    hyps: list[str] = [""] * len(records)
     batches = duration_batches(records, max_duration)
     it = batches
     if progress:
@@ -43,17 +44,34 @@ def decode_records(model, records: Sequence[Record], tokenizer, device=None,
 
         it = tqdm(batches, desc="decode", unit="batch", leave=False)
     for b in it:
-        batch = ds[(0, b)]
-        log_probs, out_lens = model(batch.wave.to(device), batch.wave_lens.to(device))
-        if decoder is not None:
-            for i, text in zip(b, decode_texts(log_probs.float().cpu(), out_lens.cpu(), tokenizer, decode_cfg,
-                                               decoder)):
-                hyps[i] = text
-            continue
-        for i, ids in zip(b, greedy_ids(log_probs, out_lens)):
-            hyps[i] = tokenizer.decode(ids)
-    model.train(was_training)
+        yield b, [ds.load(i, 0) for i in b]
+
+
+def decode_records(engine, records: Sequence[Record], options=None, *, max_duration: float = 200.0,
+                   progress: bool = False) -> list[str]:
+    """Decode every record through ``engine`` (an :class:`~harken.runtime.Engine`; ``options``: a
+    :class:`~harken.runtime.DecodeOptions` or a ``DecodeConfig``, default the engine's); returns
+    hypotheses in the records' order. A record whose audio cannot be used raises, naming it."""
+    from harken.runtime import DecodeOptions, ItemError
+
+    if options is not None and not isinstance(options, DecodeOptions):
+        options = DecodeOptions.from_config(options)
+    hyps: list[str] = [""] * len(records)
+    for b, waves in iter_record_batches(records, max_duration, progress):
+        for i, r in zip(b, engine.infer_batch(waves, options, long_form=True)):
+            if isinstance(r, ItemError):
+                raise ValueError(f"{records[i].audio} (utterance {records[i].id}): {r.message}")
+            hyps[i] = r.text
     return hyps
+
+
+def log_probs_for_records(engine, records: Sequence[Record], max_duration: float = 200.0) -> list[torch.Tensor]:
+    """Model outputs for each record, in record order: (T_i, V) float32 log-probs on the CPU."""
+    out: list[torch.Tensor | None] = [None] * len(records)
+    for b, waves in iter_record_batches(records, max_duration):
+        for i, lp in zip(b, engine.log_probs(waves)):
+            out[i] = lp.clone()
+    return out  # type: ignore[return-value]
 
 
 @dataclass

@@ -31,6 +31,7 @@ from urllib.parse import quote
 import jiwer
 
 from harken.data.manifest import Record
+from harken.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -565,7 +566,5 @@ def write_report(out_dir: str | os.PathLike, sets: list[SetResult], exp_dir: str
            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     path = out_dir / "index.html"
-    tmp = out_dir / f".index.html.tmp{os.getpid()}"
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, doc, fsync=False)
     return path

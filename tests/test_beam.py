@@ -241,7 +241,7 @@ def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_pat
     from harken.config import load_config
     from harken.data.corpus.textgen import _FIRST, _LAST
     from harken.data.manifest import read_manifest
-    from harken.decode.tune import log_probs_for_records
+    from harken.evaluate import log_probs_for_records
     from harken.evaluate import error_report
     from harken.recognizer import Recognizer
     from harken.text.normalize import normalize_text
@@ -262,7 +262,7 @@ def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_pat
     rec = Recognizer.load(ckpt.latest_checkpoint(exp / "checkpoints"))
     records = read_manifest(corpus / "train.jsonl")
     refs = [normalize_text(r.text) for r in records]
-    lps = log_probs_for_records(rec.model, records)
+    lps = log_probs_for_records(rec, records)
 
     def beam(i, hot=()):
         cfg = DecodeConfig(method="beam", hotwords=list(hot))

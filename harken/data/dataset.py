@@ -19,6 +19,7 @@ import torch
 
 from harken.audio import SAMPLE_RATE, load_audio
 from harken.data.manifest import Record
+from harken.fsutil import atomic_open
 
 
 @dataclass
@@ -86,11 +87,8 @@ class FeatureCache:
         with torch.inference_mode():
             feats, n = self.fbank(wave, torch.tensor([wave.shape[1]]))
         out = feats[0, : int(n[0])].numpy()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(p, "wb", fsync=False) as f:
             np.save(f, out.astype(np.float16))
-        os.replace(tmp, p)
         return out
 
 
@@ -181,3 +179,15 @@ def _identity(x):
 
 def fixed_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
+
+
+def estimate_cmvn(records: Sequence[Record], fbank_cfg, max_utts: int = 500, seed: int = 0):
+    """Global CMVN (:func:`harken.features.compute_cmvn`, the one estimator) over a random subset
+    of at most ``max_utts`` records, read without augmentation."""
+    from harken.features import compute_cmvn
+
+    rng = np.random.default_rng(seed)
+    n = min(len(records), int(max_utts))
+    pick = sorted(rng.choice(len(records), size=n, replace=False).tolist())
+    ds = AsrDataset(records)
+    return compute_cmvn((ds.load(i, 0) for i in pick), fbank_cfg)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 from harken.audio import AudioError, audio_duration
 from harken.data.manifest import ManifestError, Record
+from harken.fsutil import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +296,7 @@ def export_kaldi(records: Iterable[Record], out_dir: str | os.PathLike) -> None:
     use_segments = any(r.offset != 0 for r in recs) or any(n > 1 for n in audio_count.values())
 
     def write(name: str, lines: list[str]) -> None:
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, "".join(line + "\n" for line in lines), fsync=False)
 
     for stale in ("segments", "utt2spk", "spk2utt", "utt2group"):
         if (out / stale).exists():
@@ -454,10 +453,8 @@ def export_nemo(records: Iterable[Record], path: str | os.PathLike) -> int:
     :func:`import_nemo` reads it back), ``offset`` when non-zero, ``speaker`` and ``lang`` (from
     ``group``) when set, and the record's ``extra`` fields at the top level. Returns the count."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", fsync=False) as f:
         for r in records:
             d = {"audio_filepath": os.path.abspath(r.audio) if "://" not in r.audio else r.audio,
                  "duration": r.duration, "text": r.text, "id": r.id}
@@ -473,7 +470,6 @@ def export_nemo(records: Iterable[Record], path: str | os.PathLike) -> int:
                 d[k] = v
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

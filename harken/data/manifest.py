@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from harken.fsutil import atomic_open
+
 
 class ManifestError(ValueError):
     """A manifest line that cannot be used; the message names the file, the line and the field."""
@@ -96,14 +98,11 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record], relative_
     """Write records atomically (temp file + rename). With ``relative_to`` audio paths are made
     relative to that folder, so a corpus folder can be moved as a whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", fsync=False) as f:
         for r in records:
             if relative_to is not None and os.path.isabs(r.audio):
                 r = Record(**{**asdict(r), "audio": os.path.relpath(r.audio, relative_to)})
             f.write(r.to_json() + "\n")
             n += 1
-    os.replace(tmp, path)
     return n

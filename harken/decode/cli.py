@@ -78,7 +78,8 @@ def cmd_lm_build(a) -> int:
 def cmd_tune(a) -> int:
     from harken.data.manifest import read_manifest
     from harken.decode.context import parse_hotword
-    from harken.decode.tune import grid_search, log_probs_for_records
+    from harken.decode.tune import grid_search
+    from harken.evaluate import log_probs_for_records
     from harken.recognizer import Recognizer
     from harken.text.normalize import normalize_text
 
@@ -87,7 +88,7 @@ def cmd_tune(a) -> int:
     rec = Recognizer.load(a.checkpoint, num_threads=a.threads or None)
     records = read_manifest(a.manifest)
     refs = [normalize_text(r.text) for r in records]
-    lps = log_probs_for_records(rec.model, records, max_duration=a.max_duration)
+    lps = log_probs_for_records(rec, records, max_duration=a.max_duration)
     table: list = []
     w, b, wer = grid_search(lps, refs, rec.tokenizer, a.lm, a.lm_weights, a.word_bonuses,
                             beam_size=a.beam_size, hotwords=[parse_hotword(s) for s in a.hotword],

@@ -47,24 +47,3 @@ def grid_search(log_probs_list: Sequence, refs: Sequence[str], tokenizer, lm_pat
     if best is None:
         raise ValueError("empty grid")
     return best
-
-
-@torch.inference_mode()
-def log_probs_for_records(model, records, max_duration: float = 200.0, device=None) -> list[torch.Tensor]:
-    """Model outputs for each record, in record order: (T_i, V) float32 log-probs on the CPU."""
-    from harken.data.dataset import AsrDataset
-    from harken.evaluate import duration_batches
-
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ds = AsrDataset(records)
-    out: list[torch.Tensor | None] = [None] * len(records)
-    for b in duration_batches(records, max_duration):
-        batch = ds[(0, b)]
-        lp, lens = model(batch.wave.to(device), batch.wave_lens.to(device))
-        lp = lp.float().cpu()
-        for j, i in enumerate(b):
-            out[i] = lp[j, : int(lens[j])].clone()
-    model.train(was_training)
-    return out  # type: ignore[return-value]

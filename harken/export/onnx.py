@@ -75,6 +75,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harken.fsutil import atomic_write_bytes
+
 __all__ = ["ExportError", "export_onnx", "export_torchscript", "read_metadata", "load_checkpoint_model",
            "write_tokens", "SHERPA_FBANK", "VARIANTS", "MODEL_TYPES"]
 
@@ -99,24 +101,15 @@ class ExportError(RuntimeError):
 
 # ------------------------------------------------------------------------------------ loading
 def load_checkpoint_model(checkpoint: str | os.PathLike):
-    """``(model in eval mode on CPU, tokenizer, ExperimentConfig)`` from a harken checkpoint.
+    """``(model in eval mode on CPU, tokenizer, ExperimentConfig)`` from a harken checkpoint
+    (:func:`harken.models.load.load_model`: ``weights_only``, no training code).
 
     Raises FileNotFoundError for a missing path and ValueError for a file that is not a harken
     checkpoint, each with the path in the message."""
-    from harken.recognizer import Recognizer
+    from harken.models.load import load_model
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.is_dir():
-        raise FileNotFoundError(f"checkpoint {p} is a directory; give the .pt file (e.g. {p}/best.pt)")
-    try:
-        rec = Recognizer.load(p)
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as e:  # e.g. a state dict that does not fit its own config
-        raise ValueError(f"{p}: cannot rebuild the model from this checkpoint ({type(e).__name__}: {e})") from None
-    return rec.model.eval().cpu(), rec.tokenizer, rec.config
+    lm = load_model(checkpoint)
+    return lm.model, lm.tokenizer, lm.config
 
 
 # ------------------------------------------------------------------------------------ wrappers
@@ -187,43 +180,23 @@ def _check_sherpa_fbank(fb, force: bool) -> None:
 
 def build_metadata(model: nn.Module, tokenizer, cfg, variant: str, min_input: int,
                    checkpoint: str | os.PathLike = "") -> dict[str, str]:
-    import harken
-    from harken.decode.align import frame_offset
+    """The artifact's metadata: :meth:`harken.models.info.ModelInfo.to_metadata` (the one schema
+    the runtime reads) plus the export's own keys (variant, input kind, encoder config, source)."""
+    from harken.models.info import ModelInfo, file_model_id
 
-    fb = cfg.model.fbank
-    enc = cfg.model.encoder
-    sub = int(getattr(model, "subsampling_factor", 4))
-    shift_ms = float(fb.frame_shift_ms)
-    frame_seconds = getattr(getattr(model, "encoder", None), "frame_seconds", None)
-    if frame_seconds:  # encoders on raw waveforms
-        out_shift_ms = 1000.0 * float(frame_seconds)
-        offset_ms = 0.0
-    else:
-        out_shift_ms = shift_ms * sub
-        offset_ms = 1000.0 * frame_offset(shift_ms / 1000.0, sub, fb.frame_length_ms / 1000.0)
-    md = {
-        "model_type": MODEL_TYPES[variant],
+    mid = file_model_id(checkpoint) if checkpoint and os.path.isfile(checkpoint) else ""
+    info = ModelInfo.from_model(model, tokenizer, cfg, model_id=mid).replace(
+        model_type=MODEL_TYPES[variant], min_input=int(min_input))
+    md = info.to_metadata()
+    md.update({
         "harken_variant": variant,
-        "harken_version": str(harken.__version__),
-        "sample_rate": str(int(fb.sample_rate)),
-        "feature_config": json.dumps(_fbank_dict(cfg), sort_keys=True),
-        "feature_dim": str(int(fb.num_mel_bins)),
-        "vocabulary": json.dumps(list(tokenizer.tokens), ensure_ascii=False),
-        "vocab_size": str(int(tokenizer.vocab_size)),
         "tokenizer_kind": str(getattr(tokenizer, "kind", "")),
-        "blank_id": str(int(getattr(tokenizer, "blank_id", 0))),
-        "subsampling_factor": str(sub),
-        "frame_shift_ms": f"{shift_ms:g}",
-        "output_frame_shift_ms": f"{out_shift_ms:g}",
-        "time_offset_ms": f"{offset_ms:g}",
-        "encoder_type": str(enc.type),
-        "encoder_config": json.dumps(enc.to_dict(), sort_keys=True, default=str),
-        "streaming_chunk": str(int(getattr(enc, "chunk_size", 0) or 0)),
-        "left_chunks": str(int(getattr(enc, "left_chunks", -1))),
-        "min_input": str(int(min_input)),
+        "encoder_config": json.dumps(cfg.model.encoder.to_dict(), sort_keys=True, default=str),
         "input_kind": "waveform" if variant == "wave" else "fbank",
         "source_checkpoint": Path(checkpoint).name if checkpoint else "",
-    }
+    })
+    if variant != "wave":  # sherpa reads feature_dim etc.; the tokenizer dict is harken's alone
+        md.pop("tokenizer", None)
     return md
 
 
@@ -314,7 +287,6 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, vari
     time = torch.export.Dim("time", min=min_in, max=time_max)
     dyn = {names_in[0]: {0: batch, 1: time}, names_in[1]: {0: batch}}
 
-    import onnx
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -328,9 +300,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, vari
     proto = prog.model_proto
     md = build_metadata(model, tok, cfg, variant, min_in, checkpoint)
     set_metadata(proto, md)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    onnx.save_model(proto, str(tmp), save_as_external_data=False)
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, proto.SerializeToString())
     if variant == "sherpa-wenet":
         write_tokens(tok, out_path.parent / "tokens.txt")
     if check:

@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from harken.fsutil import atomic_write_bytes
+
 __all__ = ["quantize_int8", "quantizable_nodes"]
 
 
@@ -76,7 +78,5 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     md["quantization"] = "dynamic_uint8_weights"
     md["quantized_nodes"] = str(len(nodes))
     set_metadata(proto, md)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    onnx.save_model(proto, str(tmp), save_as_external_data=False)
-    os.replace(tmp, dst)
+    atomic_write_bytes(dst, proto.SerializeToString())
     return dst

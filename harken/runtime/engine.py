@@ -205,6 +205,7 @@ class Engine:
                                                                         DEFAULT_MAX_ITEM_SECONDS)
         self._max_item_seconds = float(limit)
         self._decoders: OrderedDict = OrderedDict()
+        self._streams: dict = {}
         self._lock = threading.Lock()
         self.warmup_calls = 0
 
@@ -333,6 +334,18 @@ class Engine:
     @property
     def encoder_type(self) -> str:
         return self._info.encoder_type
+
+    @property
+    def time_offset(self) -> float:
+        return self._info.time_offset
+
+    @property
+    def subsampling(self) -> int:
+        return self._info.subsampling
+
+    @property
+    def frame_shift(self) -> float:
+        return self._info.frame_shift
 
     def _decoder(self, options: DecodeOptions):
         """The beam decoder for ``options`` (None for greedy), built once per option set (LRU)."""
@@ -631,18 +644,35 @@ class Engine:
 
     transcribe_long = transcribe_segments
 
+    def streaming_model(self, chunk_size: int | None = None, left_chunks: int | None = None,
+                        options: DecodeOptions | None = None, onnx_path: str | None = None):
+        """The shared :class:`harken.runtime.streaming.StreamingModel` over this engine's model
+        (one per chunk geometry and option set, cached): many :class:`StreamSession`\ s, stepped
+        together in batched forwards. The torch backend streams its own model; an ONNX engine needs
+        the streaming ONNX export (``onnx_path``)."""
+        from harken.runtime.streaming import StreamingModel
+
+        options = options or self._options
+        key = ("stream", chunk_size, left_chunks, options.decoder_key, onnx_path)
+        with self._lock:
+            sm = self._streams.get(key)
+        if sm is None:
+            if self.model is None and onnx_path is None:
+                raise ValueError(f"{self._path or 'this model'}: streaming an ONNX model needs its streaming "
+                                 "export (harken.runtime.streaming_onnx.export_streaming_onnx), not the offline one")
+            sm = StreamingModel.from_engine(self, chunk_size, left_chunks, onnx_path=onnx_path, options=options)
+            with self._lock:
+                self._streams[key] = sm
+        return sm
+
     def stream(self, chunk_size: int | None = None, left_chunks: int | None = None,
                options: DecodeOptions | None = None):
-        """A single-stream :class:`harken.runtime.streaming.StreamingDecoder` over this engine's
-        torch model (``chunk_size``: output frames per chunk; default the model's, else 16)."""
+        """A single-stream :class:`harken.runtime.streaming.StreamingDecoder` over
+        :meth:`streaming_model` (``chunk_size``: output frames per chunk; default the model's,
+        else 16)."""
         from harken.runtime.streaming import StreamingDecoder
 
-        if self.model is None:
-            raise ValueError("Engine.stream needs the torch backend; for ONNX use "
-                             "harken.runtime.streaming.StreamingModel on a streaming ONNX export")
-        options = options or self._options
-        return StreamingDecoder(self.model, self._tokenizer, chunk_size=chunk_size, left_chunks=left_chunks,
-                                decode_cfg=options.decode_config(), decoder=self._decoder(options))
+        return StreamingDecoder(streaming_model=self.streaming_model(chunk_size, left_chunks, options))
 
     def __repr__(self) -> str:
         return (f"Engine(backend={self.backend_name}, encoder={self.encoder_type}, "

@@ -31,49 +31,27 @@ from pathlib import Path
 
 import torch
 
+from harken.fsutil import TMP_RE, atomic_open  # noqa: F401 (TMP_RE: re-exported)
+from harken.fsutil import remove_stale_temps as _remove_stale_temps
+
 CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
-TMP_RE = re.compile(r"^\..+\.tmp[-.\w]*$")
 log = logging.getLogger("harken")
 
 
 def atomic_save(obj, path: str | os.PathLike, *, _kill_before_rename: bool = False) -> None:
-    """``torch.save`` to ``path`` atomically (temp file in the same directory, fsync, rename, fsync dir).
+    """``torch.save`` to ``path`` atomically (:func:`harken.fsutil.atomic_open`: temp file in the
+    same directory, fsync, rename, fsync dir).
 
     ``_kill_before_rename`` is a testing hook: the process SIGKILLs itself after the temporary file
     is complete and before the rename (a crash at the worst moment)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if _kill_before_rename:
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, path)  # atomic within one directory, NFS and Lustre included
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an exception (disk full...): leave no litter; SIGKILL leaves it
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    hook = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if _kill_before_rename else None
+    with atomic_open(path, "wb", _before_rename=hook) as f:
+        torch.save(obj, f)
 
 
 def remove_stale_temps(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by saves that were killed (call only while nobody is saving)."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return []
-    gone = [p for p in d.iterdir() if TMP_RE.match(p.name)]
-    for p in gone:
-        p.unlink(missing_ok=True)
-    return gone
+    return _remove_stale_temps(ckpt_dir)
 
 
 def wait_for_file(path: str | os.PathLike, timeout_s: float = 30.0) -> Path:

@@ -33,6 +33,7 @@ import soundfile as sf
 
 from harken.audio import SAMPLE_RATE, save_wav
 from harken.data.manifest import Record, write_manifest
+from harken.fsutil import atomic_open
 
 from .textgen import make_splits, vocab_stats
 from .voices import SynthesisError, Voice, select_voices
@@ -290,11 +291,9 @@ def _read_plan(path: Path) -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", fsync=False) as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,11 +329,9 @@ def synthesize_corpus(cfg: CorpusConfig, out_dir: str, jobs: int = 2, progress: 
     for stale in out.glob("wav/*/.*.tmp*"):  # left by an interrupted save
         stale.unlink(missing_ok=True)
     # every wav left on disk now belongs to this plan, so the plan can be recorded before synthesis
-    tmp = plan_path.with_name(plan_path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(plan_path, "w", fsync=False) as f:
         for u in all_utts:
             f.write(json.dumps(u.plan_row(), ensure_ascii=False) + "\n")
-    os.replace(tmp, plan_path)
 
     todo.sort(key=lambda u: -_COST.get(u.voice.engine, 1.0))
     tasks = [(u.id, str(u.wav_path(out)), u.text, u.voice, u.speed, u.pitch) for u in todo]
