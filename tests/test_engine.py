@@ -304,3 +304,63 @@ def test_iter_transcribe_keeps_going_past_a_bad_file(tiny_ckpt, tmp_path):
     assert sorted(got) == [0, 1, 2]
     assert isinstance(got[1], ItemError) and got[1].code == "bad_audio" and "bad.wav" in got[1].message
     assert got[0].text == eng.transcribe(recs[0].audio).text and got[2].source == recs[1].audio
+
+
+# ------------------------------------------------------------------ the CLI on top of it
+EXE = [__import__("sys").executable, "-m", "harken.cli"]
+
+
+def _run(args, **kw):
+    import subprocess
+
+    return subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cli_transcribe_folder_skips_a_bad_file(tiny_ckpt, tmp_path):
+    import shutil
+
+    path, recs = tiny_ckpt
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, r in enumerate(recs[:2]):
+        shutil.copy(r.audio, d / f"good{i}.wav")
+    (d / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    (d / "notes.mp3").write_text("this is not audio")
+    r = _run(["transcribe", "--checkpoint", path, d])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.strip()]
+    assert sorted(x.split("\t")[0].rsplit("/", 1)[-1] for x in lines) == ["good0.wav", "good1.wav"]
+    assert "corrupt.wav" in r.stderr and "notes.mp3" in r.stderr and "2 of 4 files failed" in r.stderr
+
+
+def test_cli_eval_and_tune_on_onnx(tiny_ckpt, tiny_onnx, tmp_path):
+    from harken.data.manifest import write_manifest
+
+    path, recs = tiny_ckpt
+    man = tmp_path / "set.jsonl"
+    write_manifest(man, recs[:4])
+    out = tmp_path / "eval"
+    r = _run(["eval", "--checkpoint", tiny_onnx, man, tmp_path / "missing.jsonl", "--out", out, "--quiet"])
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert [x["set"] for x in rows] == ["set"] and rows[0]["num_utts"] == 4  # the good set was written
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(x.text.lower() for x in recs) + "\n")
+    lm = tmp_path / "lm.arpa"
+    assert _run(["lm", "build", "--text", text, "--order", "2", "--out", lm]).returncode == 0
+    r = _run(["tune", "--checkpoint", tiny_onnx, "--manifest", man, "--lm", lm, "--lm-weights", "0,0.5",
+              "--word-bonuses", "0"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["utts"] == 4
+
+
+def test_cli_bad_model_file_is_one_line(tmp_path, tiny_ckpt):
+    _, recs = tiny_ckpt
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"\x80\x04not a checkpoint")
+    for model in (bad, tmp_path / "nothing.onnx"):
+        r = _run(["transcribe", "--checkpoint", model, recs[0].audio])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and model.name in r.stderr
+    r = _run(["transcribe", "--debug", "--checkpoint", bad, recs[0].audio])
+    assert "Traceback" in r.stderr  # --debug shows it

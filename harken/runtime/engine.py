@@ -647,7 +647,7 @@ class Engine:
     def streaming_model(self, chunk_size: int | None = None, left_chunks: int | None = None,
                         options: DecodeOptions | None = None, onnx_path: str | None = None):
         """The shared :class:`harken.runtime.streaming.StreamingModel` over this engine's model
-        (one per chunk geometry and option set, cached): many :class:`StreamSession`\ s, stepped
+        (one per chunk geometry and option set, cached): many stream sessions, stepped
         together in batched forwards. The torch backend streams its own model; an ONNX engine needs
         the streaming ONNX export (``onnx_path``)."""
         from harken.runtime.streaming import StreamingModel
