@@ -97,9 +97,11 @@ def build_engines(ckpt: str, export_dir: Path, threads: list[int], names: list[s
         if name not in names:
             continue
         try:
-            from harken.export.cli import export_artifact
-
-            path = export_artifact(ckpt, fmt, export_dir / f"model{suffix}")
+            if fmt == "torchscript":
+                from harken.export.torchscript import export_torchscript as export_fn
+            else:
+                from harken.export.pt2 import export_pt2 as export_fn
+            path = export_fn(ckpt, export_dir / f"model{suffix}")
             for t in threads:
                 eng = Engine.load(path, num_threads=t)
                 out[(name, t)] = lambda it, e=eng: e.transcribe(it[1], options=plain).text

@@ -282,13 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, metavar="DIR",
                    help="also write a static HTML error-analysis report (index.html + audio/) here")
     s.add_argument("--report-worst", type=int, default=30, help="worst utterances listed per set in the report")
-    s.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    s.add_argument("--backend", choices=["auto", "torch", "onnx", "torchscript", "pt2"], default="auto")
     add_decode_args(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("transcribe", help="transcribe audio files or folders")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="a harken checkpoint (.pt) or an exported harken ONNX model (.onnx)")
+    g.add_argument("--checkpoint", help="a harken checkpoint (.pt) or an export (.onnx, .ts, .pt2)")
     g.add_argument("--model", help="a fine-tuned Hugging Face Wav2Vec2ForCTC directory with its processor")
     s.add_argument("inputs", nargs="+")
     s.add_argument("--format", choices=["text", "json", "srt", "vtt"], default="text")
@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--long-after", type=float, default=30.0, help="seconds past which a file is segmented")
     s.add_argument("--max-segment", type=float, default=20.0, help="longest VAD segment, seconds")
     s.add_argument("--vad", choices=["energy", "webrtc", "auto"], default="energy")
-    s.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="inference backend (auto: onnxruntime for .onnx, torch for .pt)")
+    s.add_argument("--backend", choices=["auto", "torch", "onnx", "torchscript", "pt2"], default="auto",
+                   help="inference backend (auto: by the file suffix: .onnx, .ts, .pt2, .pt)")
     s.add_argument("--max-duration", type=float, default=200.0)
     s.add_argument("--threads", type=int, default=0)
     add_decode_args(s)

@@ -277,10 +277,9 @@ class GlobalCMVN(nn.Module):
 
     def to_file(self, path: str | os.PathLike) -> None:
         d = {"mean": self.mean.tolist(), "istd": self.istd.tolist(), "count": self.count}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(d, f)
-        os.replace(tmp, path)
+        from harken.fsutil import atomic_write_text
+
+        atomic_write_text(path, json.dumps(d), fsync=False)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, count={self.count}"

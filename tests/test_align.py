@@ -181,7 +181,10 @@ def test_word_boundaries_on_synthesized_speech(word_model):
     assert np.median(a) <= 80
     assert np.percentile(a, 90) <= 200
     # transcribe(): words come from aligning the decoded text; confidences are probabilities
-    t = rec.transcribe(tests[0][0])
+    from harken.runtime import DecodeOptions
+
+    t = rec.transcribe(tests[0][0], options=DecodeOptions(word_timestamps=True))
+    assert t.words and rec.transcribe(tests[0][0]).words == []  # only on request
     assert all(0 < w.confidence <= 1 for w in t.words)
     assert all(0 <= w.start < w.end <= t.duration + 1e-6 for w in t.words)
     assert all(a.end <= b.start + 1e-6 for a, b in zip(t.words, t.words[1:]))
@@ -201,7 +204,10 @@ def test_transcribe_long_word_times(word_model, tmp_path):
             off += len(wave) / SAMPLE_RATE
     path = tmp_path / "long.wav"
     save_wav(path, np.concatenate(waves))
-    segs = list(rec.transcribe_long(str(path), max_segment=20.0, batch_size=4))
+    from harken.runtime import DecodeOptions
+
+    segs = list(rec.transcribe_long(str(path), options=DecodeOptions(word_timestamps=True), max_segment=20.0,
+                                    batch_size=4))
     assert len(segs) >= off / 20.0
     assert all(g.end - g.start <= 20.0 + 1e-6 for g in segs)
     assert all(a.end <= b.start + 1e-6 for a, b in zip(segs, segs[1:]))

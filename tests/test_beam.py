@@ -241,8 +241,7 @@ def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_pat
     from harken.config import load_config
     from harken.data.corpus.textgen import _FIRST, _LAST
     from harken.data.manifest import read_manifest
-    from harken.evaluate import log_probs_for_records
-    from harken.evaluate import error_report
+    from harken.evaluate import error_report, log_probs_for_records
     from harken.recognizer import Recognizer
     from harken.text.normalize import normalize_text
     from harken.train import checkpoint as ckpt

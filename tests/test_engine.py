@@ -23,9 +23,9 @@ def tiny_ckpt(tiny_corpus, tmp_path_factory):
     greedy text is not empty)."""
     from harken.config import load_config, to_dict
     from harken.data.manifest import read_manifest
+    from harken.models.build import build_model
     from harken.text.tokenizer import CharTokenizer
     from harken.train.checkpoint import atomic_save
-    from harken.models.build import build_model
 
     corpus, _ = tiny_corpus
     recs = read_manifest(corpus / "test_seen.jsonl")

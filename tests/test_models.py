@@ -1,7 +1,12 @@
+import dataclasses
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from harken.models import CtcModel, EncoderConfig, build_encoder, ctc_loss, encoder_flops, encoder_preset
@@ -39,7 +44,7 @@ def test_shapes_and_lengths(variant):
     assert enc.subsampling_factor == 4
     x, lens = feats_batch([50, 37, 20, 7])
     out, out_lens = enc(x, lens)
-    expect = torch.tensor([((n - 1) // 2 - 1) // 2 for n in [50, 37, 20, 7]])
+    expect = torch.tensor([11, 8, 4, 1])  # two unpadded 3x3 stride-2 convolutions
     assert out.shape == (4, 11, 32)
     assert out_lens.dtype == torch.int64 and torch.equal(out_lens, expect)
     assert torch.equal(enc.output_lengths(lens), expect)
@@ -243,3 +248,122 @@ def test_tiny_model_overfits():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_subsampling_geometry_comes_from_the_module():
+    from harken.models.subsampling import Conv2dSubsampling4, subsampling_geometry
+
+    cfg = tiny(subsampling_channels=4)
+    sub = Conv2dSubsampling4(cfg).eval()
+    assert (sub.factor, sub.right_context) == subsampling_geometry(cfg) == (4, 6)
+    ns = list(range(0, 90))
+    as_tensor = sub.output_lengths(torch.tensor(ns))
+    assert as_tensor.dtype == torch.int64
+    assert as_tensor.tolist() == [sub.output_lengths(n) for n in ns]
+    with torch.no_grad():
+        for n in range(7, 90, 7):  # the formula is what the convolutions really produce
+            assert sub.project(torch.randn(1, n, cfg.input_dim)).shape[1] == sub.output_lengths(n)
+    assert sub.output_lengths(sub.right_context) == 0 and sub.output_lengths(sub.right_context + 1) == 1
+    for c in range(1, 12):  # a streaming chunk of C output frames: 4C + 3 inputs, the fewest that give C
+        assert sub.input_frames(c) == 4 * c + 3
+        assert sub.output_lengths(sub.input_frames(c)) == c
+        assert sub.output_lengths(sub.input_frames(c) - 1) == c - 1
+        assert sub.input_frames(c + 1) - sub.input_frames(c) == sub.factor
+    enc = build_encoder(cfg)
+    assert (enc.subsampling_factor, enc.right_context) == (4, 6)
+
+
+@pytest.mark.parametrize("pos_enc", ["rel", "abs"])
+def test_flops_count_the_position_projection_once_per_batch(pos_enc):
+    cfg = encoder_preset("tiny", pos_enc=pos_enc)
+    one, eight = encoder_flops(cfg, 1000, 100), encoder_flops(cfg, 1000, 100, batch_size=8)
+    if pos_enc == "abs":
+        assert eight == 8 * one
+    else:
+        t = 249  # output frames of 1000 input frames
+        shared = 2.0 * cfg.num_layers * (2 * t - 1) * cfg.d_model * cfg.d_model
+        assert math.isclose(eight, 8 * one - 7 * shared, rel_tol=1e-12)
+    assert CtcModel(cfg, 100).flops(1000, batch_size=8) == eight
+
+
+def test_registry_imports_no_encoder_until_asked():
+    code = (
+        "import json, sys\n"
+        "import harken.config, harken.models\n"
+        "from harken.models.registry import encoder_names, encoder_class\n"
+        "names = encoder_names()\n"
+        "loaded = sorted(m for m in ('harken.models.conformer', 'harken.models.transformer', "
+        "'harken.models.wav2vec2', 'transformers') if m in sys.modules)\n"
+        "w2v = encoder_class('wav2vec2')\n"
+        "print(json.dumps([names, loaded, w2v.takes_waveform, 'transformers' in sys.modules]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names, loaded, takes_waveform, transformers_loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"conformer", "transformer", "wav2vec2"} <= set(names)
+    assert loaded == []  # listing imports no encoder module
+    assert takes_waveform and not transformers_loaded  # wav2vec2's class is known without transformers
+
+
+def test_unknown_encoder_type_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown encoder type 'nope'; known: .*conformer"):
+        build_encoder(tiny(type="nope"))
+
+
+def test_a_waveform_encoder_is_one_class_and_one_registration():
+    """A new encoder declares how it is fed and optimised; build_model and the trainer's helpers
+    follow without a branch of their own."""
+    from harken.config import ExperimentConfig
+    from harken.models.base import Encoder
+    from harken.models.build import build_model, find_unused_parameters, param_groups, takes_waveform
+    from harken.models.registry import ENCODERS, register_encoder
+
+    @register_encoder("test-wave-conv")
+    class WaveConv(Encoder):
+        takes_waveform = True
+        find_unused_parameters = True
+
+        @classmethod
+        def prepare_config(cls, cfg):
+            return dataclasses.replace(cfg, d_model=24)
+
+        @classmethod
+        def param_groups(cls, model, base_lr, weight_decay):
+            enc = list(model.encoder.parameters())
+            rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+            return [{"name": "head", "params": rest}, {"name": "enc", "params": enc, "lr": base_lr * 0.5}]
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg, self.d_model = cfg, cfg.d_model
+            self.conv = nn.Conv1d(1, cfg.d_model, 400, 160)
+
+        @property
+        def subsampling_factor(self):
+            return 160
+
+        def output_lengths(self, lens):
+            return torch.clamp(torch.div(lens - 400, 160, rounding_mode="floor") + 1, min=0)
+
+        def forward(self, wave, lens):
+            return self.conv(wave[:, None]).transpose(1, 2), self.output_lengths(lens)
+
+    try:
+        cfg = ExperimentConfig()
+        cfg.model.encoder = dataclasses.replace(cfg.model.encoder, type="test-wave-conv", d_model=999)
+        assert takes_waveform(cfg.model.encoder)
+        model = build_model(cfg, 7)
+        assert model.frontend is None and model.takes_waveform and model.output.in_features == 24
+        assert model.encoder_cfg.d_model == 24 and cfg.model.encoder.d_model == 999  # caller's config untouched
+        lp, n = model(torch.randn(2, 16000), torch.tensor([16000, 8000]))
+        assert lp.shape == (2, 98, 7) and n.tolist() == [98, 48]
+        groups = param_groups(model, 1e-3, 0.01)
+        assert [g["name"] for g in groups] == ["head", "enc"] and groups[1]["lr"] == 5e-4
+        assert find_unused_parameters(model)
+        fbank = build_model(ExperimentConfig(), 7)  # the default conformer: fbank frontend, default groups
+        assert fbank.frontend is not None and not fbank.takes_waveform and not find_unused_parameters(fbank)
+        g = param_groups(fbank, 1e-3, 0.01)
+        assert [x["weight_decay"] for x in g] == [0.01, 0.0]
+        assert sum(len(x["params"]) for x in g) == len(list(fbank.parameters()))
+    finally:
+        ENCODERS.pop("test-wave-conv", None)

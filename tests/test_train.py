@@ -53,7 +53,7 @@ def test_tiny_model_overfits_synthesized_speech_to_wer_zero(tiny_corpus, tmp_pat
     run = train(cfg)
     recs = read_manifest(man)
     rec = Recognizer.load(ckpt.latest_checkpoint(tmp_path / "exp" / "checkpoints"))
-    hyps = decode_records(rec.model, recs, rec.tokenizer)
+    hyps = decode_records(rec, recs)
     refs = [normalize_text(r.text) for r in recs]
     rep = error_report(refs, hyps)
     assert rep.wer == 0.0, list(zip(refs, hyps))

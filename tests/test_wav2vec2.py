@@ -178,7 +178,12 @@ def test_finetune_ctc_on_synthesized_speech(pretrained_dir, records):
             assert torch.equal(before[n], after[n]), n  # frozen
         else:
             assert not torch.equal(before[n], after[n]), n  # everything else trained
-    hyps = decode_records(model, records, tok)
+    from harken.config import ExperimentConfig
+    from harken.evaluate import as_engine
+
+    cfg = ExperimentConfig()
+    cfg.model.encoder = model.encoder_cfg
+    hyps = decode_records(as_engine(model.eval(), tok, cfg), records)
     assert len(hyps) == len(records) and all(isinstance(h, str) for h in hyps)
 
 
@@ -246,3 +251,37 @@ def test_hf_recognizer_batches_layer_norm_models(tmp_path, tiny_corpus):
     out = rec.transcribe_batch(files)
     assert [t.source for t in out] == files
     assert [t.text for t in out] == [rec.transcribe(f).text for f in files]
+
+
+def test_built_through_the_registry_and_exported_to_torchscript(pretrained_dir, tmp_path):
+    """build_model asks the encoder class: no fbank frontend, d_model from the checkpoint, the
+    encoder's own optimizer groups; and the model traces into a TorchScript file that matches."""
+    import dataclasses
+
+    from harken.config import ExperimentConfig
+    from harken.export.torchscript import WaveCtcCore, export_model_torchscript
+    from harken.models.build import build_model, find_unused_parameters
+    from harken.models.build import param_groups as model_param_groups
+    from harken.runtime.backends_compiled import TorchScriptBackend
+
+    cfg = ExperimentConfig()
+    cfg.model.encoder = dataclasses.replace(w2v_cfg(pretrained_dir), d_model=144)
+    model = build_model(cfg, 11).eval()
+    assert model.frontend is None and model.takes_waveform
+    assert model.encoder_cfg.d_model == 32 == model.output.in_features and cfg.model.encoder.d_model == 144
+    assert find_unused_parameters(model)
+    got = [(g["name"], g["lr"], len(g["params"])) for g in model_param_groups(model, 1e-3, 0.01)]
+    assert got == [(g["name"], g["lr"], len(g["params"])) for g in param_groups(model, 1e-3, 0.01)]
+    tok = CharTokenizer.build(["abc def ghi"])
+    path = export_model_torchscript(model, tok, cfg, tmp_path / "w2v.ts")  # checks other sizes itself
+    be = TorchScriptBackend(path)
+    assert be.metadata["encoder_type"] == "wav2vec2"
+    g = torch.Generator().manual_seed(0)
+    wave = torch.randn(2, 24000, generator=g) * 0.1
+    lens = torch.tensor([24000, 9000])
+    lp, n = be(wave, lens)
+    with torch.no_grad():
+        ref, ref_n = WaveCtcCore(model)(wave, lens)
+    assert n.tolist() == ref_n.tolist()
+    for i, k in enumerate(n.tolist()):
+        assert float((lp[i, :k] - ref[i, :k]).abs().max()) < 1e-4

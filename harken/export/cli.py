@@ -1,4 +1,4 @@
-"""``harken export``: ONNX / sherpa-onnx / TorchScript artifacts from a checkpoint.
+"""``harken export``: ONNX / sherpa-onnx / TorchScript / AOTInductor artifacts from a checkpoint.
 
     from harken.export.cli import add_commands as add_export_commands
     add_export_commands(sub)          # in harken.cli.build_parser()
@@ -10,8 +10,10 @@ Writes into ``--out``:
 
     onnx         model.onnx (+ model.int8.onnx)         waveform in, fbank + CMVN inside
     sherpa       sherpa/model.onnx (+ sherpa/model.int8.onnx), sherpa/tokens.txt   (WeNet-CTC contract)
-    torchscript  model.ts                               fails with a clear error: the model does not
-                                                        script (see docs/tensorrt.md, "TorchScript")
+    torchscript  model.ts                               torch.jit trace, waveform in; runs with
+                                                        torch.jit.load alone (metadata: harken.json inside)
+    pt2          model.pt2                              torch.export + AOTInductor package (compiled C++;
+                                                        slow to build), torch._inductor.aoti_load_package
 
 ``--format`` may be given more than once. ``--verify`` prints a table (max abs log-prob difference
 and argmax agreement vs PyTorch; greedy WER vs PyTorch's with ``--manifest``) and writes
@@ -27,7 +29,7 @@ from pathlib import Path
 
 
 def cmd_export(a) -> int:
-    from harken.export.onnx import ExportError, export_onnx, export_torchscript
+    from harken.export.onnx import ExportError, export_onnx
     from harken.export.quantize import quantize_int8
 
     if not Path(a.checkpoint).is_file():
@@ -48,9 +50,16 @@ def cmd_export(a) -> int:
                                 force=a.force)
             else:
                 if a.quantize:
-                    print("harken export: note: --quantize applies to ONNX only; TorchScript stays float",
+                    print(f"harken export: note: --quantize applies to ONNX only; {fmt} stays float",
                           file=sys.stderr)
-                p = export_torchscript(a.checkpoint, out / "model.ts")
+                if fmt == "torchscript":
+                    from harken.export.torchscript import export_torchscript
+
+                    p = export_torchscript(a.checkpoint, out / "model.ts")
+                else:
+                    from harken.export.pt2 import export_pt2
+
+                    p = export_pt2(a.checkpoint, out / "model.pt2")
                 written.append(p)
                 print(f"wrote {p}", file=sys.stderr)
                 continue
@@ -78,12 +87,12 @@ def cmd_export(a) -> int:
 
 def add_commands(sub) -> None:
     """Add ``export`` to harken's subparsers."""
-    s = sub.add_parser("export", help="export a checkpoint to ONNX / sherpa-onnx / TorchScript")
+    s = sub.add_parser("export", help="export a checkpoint to ONNX / sherpa-onnx / TorchScript / AOTInductor")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--format", action="append", choices=["onnx", "sherpa", "torchscript"],
+    s.add_argument("--format", action="append", choices=["onnx", "sherpa", "torchscript", "pt2"],
                    help="onnx: waveform-in ONNX; sherpa: sherpa-onnx WeNet-CTC ONNX + tokens.txt; "
-                        "torchscript: torch.jit.script (not supported by the current models). Repeatable; "
-                        "default onnx")
+                        "torchscript: waveform-in TorchScript (model.ts); pt2: torch.export program compiled "
+                        "by AOTInductor (model.pt2; takes minutes). Repeatable; default onnx")
     s.add_argument("--quantize", choices=["int8"], default=None,
                    help="also write a dynamically quantized copy (QUInt8 weights) of each ONNX model")
     s.add_argument("--out", required=True, help="output folder")

@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from harken.fsutil import atomic_write_bytes
 
-__all__ = ["ExportError", "export_onnx", "export_torchscript", "read_metadata", "load_checkpoint_model",
+__all__ = ["ExportError", "export_onnx", "read_metadata", "load_checkpoint_model",
            "write_tokens", "SHERPA_FBANK", "VARIANTS", "MODEL_TYPES"]
 
 VARIANTS = ("wave", "sherpa-wenet")
@@ -334,35 +334,3 @@ def _self_check(net: nn.Module, path: Path, names_in: list[str], min_in: int, fb
         raise ExportError(f"{path}: onnxruntime differs from torch by {diff:.3g} (max abs log-prob)")
 
 
-# ------------------------------------------------------------------------------------ torchscript
-class _ScriptableWave(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, waveform: Tensor, waveform_lens: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model(waveform, waveform_lens)
-
-
-def export_torchscript(checkpoint: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """``torch.jit.script`` of the waveform-in model (same inputs/outputs as the wave ONNX); the
-    metadata above is stored as the extra file ``metadata.json``. TorchScript is deprecated in
-    torch; if scripting fails this raises :class:`ExportError` with the reason (nothing is faked
-    with tracing, which bakes in one input length)."""
-    model, tok, cfg = load_checkpoint_model(checkpoint)
-    min_in = _min_samples(cfg.model.fbank, _min_feature_frames(model))
-    md = build_metadata(model, tok, cfg, "wave", min_in, checkpoint)
-    md["model_type"] = "harken_ctc_wave_torchscript"
-    md["harken_variant"] = "torchscript"
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            sm = torch.jit.script(model.eval())
-        except Exception as e:
-            first = str(e).strip().splitlines()
-            raise ExportError("TorchScript export is not supported for this model: torch.jit.script failed "
-                              f"({type(e).__name__}: {first[0] if first else ''}). Use --format onnx.") from e
-    torch.jit.save(sm, str(out_path), _extra_files={"metadata.json": json.dumps(md)})
-    return out_path

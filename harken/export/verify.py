@@ -104,15 +104,23 @@ class _TorchRunner:
         return lp.float().numpy(), ol.numpy()
 
 
-class _ScriptRunner(_TorchRunner):
-    def __init__(self, path):
-        super().__init__(torch.jit.load(str(path), map_location="cpu").eval())
+class _CompiledRunner:
+    """A TorchScript (.ts) or AOTInductor (.pt2) export through the runtime's own backend."""
+
+    def __init__(self, path, num_threads=None):
+        from harken.runtime.backends_compiled import open_compiled
+
+        self.backend = open_compiled(path, num_threads)
+
+    def __call__(self, wave, lens):
+        lp, ol = self.backend(torch.from_numpy(wave), torch.from_numpy(lens))
+        return lp.float().numpy(), ol.numpy()
 
 
 def _runner(path: Path, num_threads: int | None):
     if path.suffix == ".onnx":
         return OnnxCtc(path, num_threads=num_threads)
-    return _ScriptRunner(path)
+    return _CompiledRunner(path, num_threads)
 
 
 def _greedy_texts(run, waves, tokenizer, batch_size: int = 8) -> list[str]:
@@ -179,7 +187,7 @@ def verify_artifacts(checkpoint: str | os.PathLike, artifacts: Sequence[str | os
             md = read_metadata(path)
             kind = md.get("harken_variant", "?") + (" int8" if md.get("quantization") else "")
         else:
-            kind = "torchscript"
+            kind = "pt2" if path.suffix == ".pt2" else "torchscript"
         row = {"artifact": str(path), "kind": kind, **_compare(torch_run, run, probe)}
         if waves:
             hyps = _greedy_texts(run, waves, tok)

@@ -16,11 +16,12 @@ NEG_INF = -1e9  # finite "minus infinity": fully masked rows stay NaN-free
 
 
 def sinusoid(positions: torch.Tensor, d_model: int) -> torch.Tensor:
-    """(N,) float positions -> (N, d_model) sin/cos embedding (interleaved)."""
+    """(...) float positions -> (..., d_model) sin/cos embedding (interleaved); e.g. (N,) -> (N, D),
+    or (B, C) per-row positions of batched streaming chunks -> (B, C, D)."""
     half = torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32)
     inv = torch.exp(half * (-math.log(10000.0) / d_model))
-    ang = positions.to(torch.float32)[:, None] * inv[None, :]
-    return torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).reshape(-1, d_model)
+    ang = positions.to(torch.float32)[..., None] * inv
+    return torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(-2)
 
 
 def abs_pos_emb(length: int | torch.Tensor, d_model: int, device=None) -> torch.Tensor:

@@ -29,15 +29,26 @@ class CtcModel(nn.Module):
 
     def __init__(self, encoder_cfg: EncoderConfig, vocab_size: int, frontend: nn.Module | None = None):
         super().__init__()
-        self.encoder_cfg = encoder_cfg
         self.vocab_size = vocab_size
         self.frontend = frontend
         self.encoder = build_encoder(encoder_cfg)
-        self.output = nn.Linear(encoder_cfg.d_model, vocab_size)
+        # the encoder's own (completed) config: wav2vec2 takes d_model from its checkpoint
+        self.encoder_cfg: EncoderConfig = getattr(self.encoder, "cfg", encoder_cfg)
+        self.output = nn.Linear(int(getattr(self.encoder, "d_model", self.encoder_cfg.d_model)), vocab_size)
+
+    @property
+    def takes_waveform(self) -> bool:
+        """True when the encoder reads the raw waveform itself (no fbank frontend)."""
+        return bool(getattr(self.encoder, "takes_waveform", False))
 
     @property
     def subsampling_factor(self) -> int:
+        """Encoder input units per output frame (feature frames, or samples for waveform encoders)."""
         return self.encoder.subsampling_factor
+
+    @property
+    def right_context(self) -> int:
+        return int(getattr(self.encoder, "right_context", 0))
 
     def output_lengths(self, feat_lens: torch.Tensor) -> torch.Tensor:
         return self.encoder.output_lengths(feat_lens)
@@ -69,9 +80,10 @@ class CtcModel(nn.Module):
     def from_config(cls, d: dict[str, Any], frontend: nn.Module | None = None) -> "CtcModel":
         return cls(EncoderConfig.from_dict(d["encoder"]), d["vocab_size"], frontend=frontend)
 
-    def flops(self, num_frames: int) -> float:
-        """Analytic forward FLOPs for one utterance of ``num_frames`` feature frames."""
-        return encoder_flops(self.encoder_cfg, num_frames, self.vocab_size)
+    def flops(self, num_frames: int, batch_size: int = 1) -> float:
+        """Analytic forward FLOPs for a batch of ``batch_size`` utterances of ``num_frames`` feature
+        frames (see :func:`harken.models.registry.encoder_flops`)."""
+        return encoder_flops(self.encoder_cfg, num_frames, self.vocab_size, batch_size)
 
 
 def ctc_loss(

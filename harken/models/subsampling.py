@@ -1,6 +1,21 @@
-"""Convolutional subsampling front-ends."""
+"""Convolutional subsampling front-ends, and the one place their time geometry is defined.
+
+A subsampling module exposes:
+
+* ``factor``: input frames per output frame (the stride, 4 for ``conv2d4``);
+* ``receptive_field``: input frames one output frame sees (7 for ``conv2d4``), and
+  ``right_context = receptive_field - 1``: the input frames an output frame needs after its first;
+  a streaming chunk of C output frames takes ``input_frames(C) = factor * (C - 1) + right_context + 1``
+  input frames (``4C + 3``) and advances by ``factor * C``;
+* ``output_lengths(n)``: output frames for ``n`` input frames, for an int or an int64 tensor.
+
+Everything else in harken (FLOP estimates, streaming chunk sizes, export metadata) asks the module,
+or :func:`subsampling_geometry` for a config, instead of repeating the formula.
+"""
 
 from __future__ import annotations
+
+from typing import overload
 
 import torch
 import torch.nn as nn
@@ -19,6 +34,8 @@ class Conv2dSubsampling4(nn.Module):
     """
 
     factor = 4
+    receptive_field = 7  # input frames one output frame sees
+    right_context = 6
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -27,16 +44,33 @@ class Conv2dSubsampling4(nn.Module):
         C = cfg.channels
         self.conv1 = nn.Conv2d(1, C, 3, 2)
         self.conv2 = nn.Conv2d(C, C, 3, 2)
-        f2 = ((cfg.input_dim - 1) // 2 - 1) // 2
-        self.out = nn.Linear(C * f2, cfg.d_model)
+        self.out_freq = self.output_size(cfg.input_dim)
+        self.out = nn.Linear(C * self.out_freq, cfg.d_model)
 
     @staticmethod
-    def output_lengths(lens: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(((lens - 1) // 2 - 1) // 2, min=0)
+    def output_size(n: int) -> int:
+        """Output size along one axis (time or frequency) for ``n`` inputs (ints; >= 0)."""
+        return max(0, ((n - 1) // 2 - 1) // 2)
 
-    # input frames an output frame sees (7) and the input stride between output frames (4):
-    # a streaming chunk of C output frames takes 4*C + 3 input frames and advances by 4*C
-    right_context = 6
+    @overload
+    @staticmethod
+    def output_lengths(lens: int) -> int: ...
+
+    @overload
+    @staticmethod
+    def output_lengths(lens: torch.Tensor) -> torch.Tensor: ...
+
+    @staticmethod
+    def output_lengths(lens):
+        """Output frames for ``lens`` input frames: an int, or a tensor of lengths (same dtype)."""
+        if isinstance(lens, torch.Tensor):
+            return torch.clamp(torch.div(torch.div(lens - 1, 2, rounding_mode="floor") - 1, 2,
+                                         rounding_mode="floor"), min=0)
+        return Conv2dSubsampling4.output_size(int(lens))
+
+    def input_frames(self, out_frames: int) -> int:
+        """The fewest input frames that give ``out_frames`` output frames (a streaming chunk)."""
+        return self.factor * (out_frames - 1) + self.right_context + 1 if out_frames > 0 else 0
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B,T,F) -> (B,T',d_model) without lengths (streaming chunks)."""
@@ -50,6 +84,25 @@ class Conv2dSubsampling4(nn.Module):
         x = x.unsqueeze(1)  # (B,1,T,F)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))  # (B,C,T',F')
-        b, c, t, f = x.shape
-        x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)
+        # flatten (freq, channel) with -1 for time: no Python-int time size enters a trace
+        x = x.permute(0, 2, 3, 1).flatten(2)
         return self.out(x), self.output_lengths(lens)
+
+
+SUBSAMPLINGS: dict[str, type[nn.Module]] = {"conv2d4": Conv2dSubsampling4}
+
+
+def subsampling_class(name: str) -> type[nn.Module]:
+    if name not in SUBSAMPLINGS:
+        raise ValueError(f"unknown subsampling {name!r}; known: {sorted(SUBSAMPLINGS)}")
+    return SUBSAMPLINGS[name]
+
+
+def build_subsampling(cfg: EncoderConfig) -> nn.Module:
+    return subsampling_class(cfg.subsampling)(cfg)
+
+
+def subsampling_geometry(cfg: EncoderConfig) -> tuple[int, int]:
+    """(factor, right_context) of the subsampling ``cfg`` names, without building it."""
+    cls = subsampling_class(cfg.subsampling)
+    return int(cls.factor), int(cls.right_context)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from harken.models.attention import MultiHeadSelfAttention
-from harken.models.conformer import FeedForward, _EncoderBase
+from harken.models.base import AttentionEncoder, FeedForward
 from harken.models.registry import EncoderConfig, register_encoder
 
 
@@ -28,7 +28,7 @@ class TransformerBlock(nn.Module):
 
 
 @register_encoder("transformer")
-class TransformerEncoder(_EncoderBase):
+class TransformerEncoder(AttentionEncoder):
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))

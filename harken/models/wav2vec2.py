@@ -20,8 +20,10 @@ for every released wav2vec2 checkpoint).
 
 Nothing is ever downloaded: ``from_pretrained`` runs with ``local_files_only=True``.
 
-Training: the trainer must build this model without the fbank frontend and give the encoder its
-own learning rate -- :func:`build_wav2vec2_ctc` and :func:`param_groups`.
+Training: the encoder class declares ``takes_waveform = True`` (so :func:`harken.models.build.build_model`
+builds it without the fbank frontend and the trainer estimates no CMVN), ``find_unused_parameters``
+(layer drop) and its own optimizer groups (:meth:`Wav2Vec2Encoder.param_groups`: the encoder at
+``encoder_lr_scale`` times the head's learning rate).
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from harken.models.ctc import CtcModel
+from harken.models.base import Encoder
 from harken.models.registry import EncoderConfig, register_encoder
+
+if TYPE_CHECKING:
+    from harken.models.ctc import CtcModel
 
 SAMPLE_RATE = 16000
 _NORM_EPS = 1e-7
@@ -99,8 +105,20 @@ def hidden_size(cfg: EncoderConfig) -> int:
 
 
 @register_encoder("wav2vec2")
-class Wav2Vec2Encoder(nn.Module):
+class Wav2Vec2Encoder(Encoder):
     """Encoder contract: ``forward(wave (B,S), wave_lens (B,)) -> (hidden (B,T',D), out_lens (B,))``."""
+
+    takes_waveform = True  # reads the raw waveform: no fbank frontend, no CMVN
+    find_unused_parameters = True  # layer drop leaves some parameters without gradients in some steps
+
+    @classmethod
+    def prepare_config(cls, cfg: EncoderConfig) -> EncoderConfig:
+        """A copy with ``d_model`` from the checkpoint's config.json (weights are not read)."""
+        return dataclasses.replace(cfg, d_model=hidden_size(cfg))
+
+    @classmethod
+    def param_groups(cls, model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:
+        return param_groups(model, base_lr, weight_decay)
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -131,8 +149,10 @@ class Wav2Vec2Encoder(nn.Module):
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5
             (enable or self.model.gradient_checkpointing_enable)()
         self.dropout = nn.Dropout(cfg.dropout)
-        cfg.d_model = int(hf.hidden_size)  # the CTC head is sized from this
-        self.d_model = cfg.d_model
+        if cfg.d_model != int(hf.hidden_size):  # built without prepare_config: keep the caller's cfg as it is
+            cfg = dataclasses.replace(cfg, d_model=int(hf.hidden_size))
+        self.cfg = cfg
+        self.d_model = cfg.d_model  # the CTC head is sized from this
         self.samples_per_frame = int(math.prod(hf.conv_stride))
 
     # -- timing --------------------------------------------------------------------------
@@ -207,8 +227,9 @@ def build_wav2vec2_ctc(encoder_cfg: EncoderConfig, vocab_size: int) -> CtcModel:
     model's own copy has ``d_model`` set from the checkpoint."""
     if encoder_cfg.type != "wav2vec2":
         raise ValueError(f"build_wav2vec2_ctc needs encoder type 'wav2vec2', not {encoder_cfg.type!r}")
-    cfg = dataclasses.replace(encoder_cfg, d_model=hidden_size(encoder_cfg))
-    return CtcModel(cfg, vocab_size, frontend=None)
+    from harken.models.ctc import CtcModel
+
+    return CtcModel(encoder_cfg, vocab_size, frontend=None)
 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:

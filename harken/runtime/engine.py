@@ -49,6 +49,7 @@ from harken.runtime.results import Segment, Transcript, Word
 __all__ = ["Engine", "ModelInfo", "DecodeOptions", "ItemError", "TorchBackend", "OnnxBackend", "VocabTokenizer",
            "read_onnx_metadata", "DEFAULT_MAX_ITEM_SECONDS"]
 
+BACKENDS = ("auto", "torch", "onnx", "torchscript", "pt2")
 DEFAULT_MAX_ITEM_SECONDS = 60.0  # one forward pass at most this long unless the caller says otherwise
 DECODER_CACHE_SIZE = 8
 
@@ -229,8 +230,9 @@ class Engine:
              providers: Sequence[str] | None = None, device: str = "cpu", warmup: bool = True,
              options: DecodeOptions | None = None, decode_cfg=None,
              max_item_seconds: float | None = None) -> "Engine":
-        """``path``: a harken checkpoint (``.pt``; torch backend) or a harken ONNX file (``.onnx``;
-        onnxruntime backend). ``backend``: "auto" (by the file), "torch" or "onnx".
+        """``path``: a harken checkpoint (``.pt``; torch backend), a harken ONNX file (``.onnx``;
+        onnxruntime backend), a TorchScript export (``.ts``) or an AOTInductor package (``.pt2``).
+        ``backend``: "auto" (by the file), "torch", "onnx", "torchscript" or "pt2".
         ``num_threads``: ORT ``intra_op_num_threads`` for this session; on the torch backend it
         sets torch's process-wide intra-op pool (an explicit request: nothing is changed
         otherwise). ``providers``: ORT execution providers (default CPU). ``options``: the default
@@ -244,13 +246,31 @@ class Engine:
         path = str(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such model file")
-        if backend not in ("auto", "torch", "onnx"):
-            raise ValueError(f"unknown backend {backend!r} (auto | torch | onnx)")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} ({' | '.join(BACKENDS)})")
         is_onnx = path.endswith(".onnx")
+        compiled = {".ts": "torchscript", ".pt2": "pt2"}.get(os.path.splitext(path)[1])
         if backend == "auto":
-            backend = "onnx" if is_onnx else "torch"
+            backend = "onnx" if is_onnx else compiled or "torch"
         kw = dict(options=options, decode_cfg=decode_cfg, path=path, max_item_seconds=max_item_seconds)
-        if backend == "onnx":
+        if backend in ("torchscript", "pt2"):
+            from harken.runtime.backends_compiled import Pt2Backend, TorchScriptBackend
+
+            if num_threads:  # torch's pool runs these too (process-wide; an explicit request)
+                torch.set_num_threads(int(num_threads))
+            cls_be = TorchScriptBackend if backend == "torchscript" else Pt2Backend
+            try:
+                be = cls_be(path, num_threads)
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a foreign or corrupt archive
+                raise ValueError(f"{path}: not a loadable {backend} model ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+            info = ModelInfo.from_metadata(be.metadata, where=path)
+            if not info.model_id:
+                info = info.replace(model_id=file_model_id(path))
+            eng = cls._make(be, tokenizer_from_info(info), info, **kw)
+        elif backend == "onnx":
             if not is_onnx:
                 raise ValueError(f"{path}: the onnx backend needs an .onnx file; export one with `harken export`")
             be = _open_onnx(path, num_threads, providers)

@@ -1,24 +1,28 @@
-"""Streaming chunk model as ONNX (caches as inputs and outputs), and an onnxruntime chunker.
+"""Streaming chunk model as ONNX (caches as inputs and outputs, a dynamic batch of sessions).
 
-    export_streaming_onnx(model, "stream.onnx", chunk_size=16, left_chunks=4)
-    dec = load_onnx_streaming("stream.onnx")        # a StreamingDecoder on onnxruntime
+    export_streaming_onnx(model, "stream.onnx", chunk_size=16, left_chunks=4, tokenizer=tok)
+    sm = StreamingModel.from_onnx("stream.onnx")    # shared by all sessions (harken.runtime.streaming)
+    dec = load_onnx_streaming("stream.onnx")        # or one StreamingDecoder on onnxruntime
     for piece in pieces: dec.accept_waveform(piece)
     dec.finish().text
 
-Graph (all shapes static; C = chunk_size, R = left_chunks * C, N layers, H heads, K conv kernel)::
+Graph (B dynamic: one row per session; C = chunk_size, R = left_chunks * C, N layers, H heads,
+K conv kernel, W = (C-1)*S + right_context + 1 feature frames, S the subsampling factor)::
 
-    inputs   feats (1, 4C+3, F) float32   raw fbank frames (CMVN is inside the graph); the last
+    inputs   feats (B, W, F) float32      raw fbank frames (CMVN is inside the graph); a row's last
                                           chunk zero-padded
-             feat_len (1,) int64          valid frames in ``feats`` (>= 7)
-             offset (1,) int64            output frames decoded before this chunk
-             att_cache (N, 1, H, R, 2*dk) float32, cnn_cache (N, 1, D, K-1) float32 (zeros at start)
-    outputs  log_probs (1, C, V), out_len (1,) int64, new_att_cache, new_cnn_cache
+             feat_len (B,) int64          valid frames per row (>= right_context + 1)
+             offset (B,) int64            output frames each row decoded before this chunk
+             att_cache (N, B, H, R, 2*dk) float32, cnn_cache (N, B, D, K-1) float32 (zeros at start)
+    outputs  log_probs (B, C, V), out_len (B,) int64, new_att_cache, new_cnn_cache
 
-Cache slots not yet filled (fewer than R frames seen: ``offset < R``) and padded chunk frames are
-masked out, so the graph equals the torch ``forward_chunk`` with a growing/trimmed cache.
-Metadata: the wave model's keys (``sample_rate``, ``feature_config``, ``vocabulary``,
-``subsampling_factor``, ``model_type``="ctc_streaming", ``encoder_type``, ``frame_shift``,
-``blank_id``, ``streaming_chunk``) plus ``left_chunks``, ``cache_shapes``.
+Per row, cache slots not yet filled (fewer than R frames seen: ``offset < R``) and padded chunk
+frames are masked out, so rows of sessions started at different times run together and each equals
+the torch ``forward_chunk`` with a growing/trimmed cache.
+Metadata: ``sample_rate``, ``feature_config``, ``vocabulary`` (+ ``tokenizer``),
+``subsampling_factor``, ``right_context``, ``model_type``="ctc_streaming", ``encoder_type``,
+``frame_shift`` (seconds), ``frame_shift_ms``, ``time_offset_ms``, ``blank_id``, ``streaming_chunk``,
+``left_chunks``, ``cache_shapes`` (batch axis 1 as exported; any batch runs).
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from harken.runtime.streaming import StreamingDecoder, StreamingFeatures
+from harken.runtime.streaming import StreamingDecoder, StreamingModel, _right_context
 
-__all__ = ["StreamingChunkModel", "export_streaming_onnx", "OnnxChunker", "load_onnx_streaming"]
+__all__ = ["StreamingChunkModel", "export_streaming_onnx", "load_onnx_streaming"]
 
 
 class StreamingChunkModel(nn.Module):
-    """Fixed-size chunk step of a :class:`CtcModel` (CMVN -> encoder.forward_chunk -> CTC head)."""
+    """Fixed-size chunk step of a :class:`CtcModel` (CMVN -> encoder.forward_chunk -> CTC head) over a
+    batch of sessions with their own offsets."""
 
     def __init__(self, model, chunk_size: int, left_chunks: int):
         super().__init__()
@@ -48,61 +53,77 @@ class StreamingChunkModel(nn.Module):
         self.output = model.output
         self.chunk = int(chunk_size)
         self.cache = int(left_chunks * chunk_size)
+        self.sub = int(model.subsampling_factor)
+        self.right = _right_context(model.encoder)
+        self.window = (self.chunk - 1) * self.sub + self.right + 1
 
     def forward(self, feats, feat_len, offset, att_cache, cnn_cache):
         c, r = self.chunk, self.cache
         x = self.cmvn(feats)
-        out_len = torch.clamp(((feat_len - 1) // 2 - 1) // 2, min=0, max=c)
-        cache_valid = torch.arange(r, device=x.device)[None, :] >= (r - offset)[:, None]  # (1,R)
-        chunk_valid = torch.arange(c, device=x.device)[None, :] < out_len[:, None]  # (1,C)
+        out_len = torch.clamp(self.encoder.output_lengths(feat_len), min=0, max=c)
+        cache_valid = torch.arange(r, device=x.device)[None, :] >= (r - offset)[:, None]  # (B,R)
+        chunk_valid = torch.arange(c, device=x.device)[None, :] < out_len[:, None]  # (B,C)
         mask = torch.cat([cache_valid, chunk_valid], dim=1)
-        h, att, cnn = self.encoder.forward_chunk(x, offset, att_cache, cnn_cache, att_mask=mask,
+        h, att, cnn = self.encoder.forward_chunk(x, offset[:, None], att_cache, cnn_cache, att_mask=mask,
                                                  required_cache_size=r)
         lp = torch.log_softmax(self.output(h).float(), dim=-1)
         return lp, out_len, att, cnn
 
-    def example_inputs(self):
+    def example_inputs(self, batch: int = 2):
         enc = self.encoder
-        att0, cnn0 = enc.init_cache(1)
+        att0, cnn0 = enc.init_cache(batch)
         n, b, h, _, dk2 = att0.shape
         f = enc.cfg.input_dim
-        return (torch.randn(1, 4 * self.chunk + 3, f), torch.tensor([4 * self.chunk + 3]),
-                torch.tensor([0]), torch.zeros(n, b, h, self.cache, dk2), cnn0)
+        w = self.window
+        return (torch.randn(batch, w, f), torch.tensor([w] + [max(self.right + 1, w - 5)] * (batch - 1)),
+                torch.tensor([0] + [3 * self.chunk] * (batch - 1)), torch.randn(n, b, h, self.cache, dk2), cnn0)
 
 
 def export_streaming_onnx(model, path: str | os.PathLike, chunk_size: int = 16, left_chunks: int = 4,
                           tokenizer=None, fbank_cfg=None, opset: int = 18) -> str:
     """Export ``model`` (a streaming-capable :class:`CtcModel` with frontend) chunk step to ONNX with
-    the dynamo exporter; returns the path."""
+    the dynamo exporter (dynamic batch axis); returns the path."""
     import onnx
+
+    from harken.decode.align import frame_offset
 
     model = model.eval()
     m = StreamingChunkModel(model, chunk_size, left_chunks).eval()
     args = m.example_inputs()
     path = str(path)
-    with torch.no_grad():
-        prog = torch.onnx.export(m, args, dynamo=True, opset_version=opset,
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dyn = {"feats": {0: batch}, "feat_len": {0: batch}, "offset": {0: batch}, "att_cache": {1: batch},
+           "cnn_cache": {1: batch}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(m, args, dynamo=True, opset_version=opset, dynamic_shapes=dyn, verbose=False,
                                  input_names=["feats", "feat_len", "offset", "att_cache", "cnn_cache"],
                                  output_names=["log_probs", "out_len", "new_att_cache", "new_cnn_cache"])
     prog.save(path)
     proto = onnx.load(path)
     fb = fbank_cfg or model.frontend.fbank.cfg
     ecfg = model.encoder.cfg
+    shift = fb.frame_shift_ms / 1000.0
     meta = {
         "sample_rate": str(fb.sample_rate),
         "feature_config": json.dumps(dataclasses.asdict(fb)),
-        "subsampling_factor": str(model.subsampling_factor),
+        "subsampling_factor": str(m.sub),
+        "right_context": str(m.right),
         "model_type": "ctc_streaming",
         "encoder_type": ecfg.type,
-        "frame_shift": str(fb.frame_shift_ms / 1000.0),
-        "blank_id": "0",
+        "frame_shift": str(shift),
+        "frame_shift_ms": f"{fb.frame_shift_ms:g}",
+        "time_offset_ms": f"{1000.0 * frame_offset(shift, m.sub, fb.frame_length_ms / 1000.0):g}",
+        "blank_id": str(int(getattr(tokenizer, "blank_id", 0))),
         "streaming_chunk": str(chunk_size),
         "left_chunks": str(left_chunks),
-        "cache_shapes": json.dumps({"att_cache": list(args[3].shape), "cnn_cache": list(args[4].shape)}),
+        "cache_shapes": json.dumps({"att_cache": [int(v) for v in args[3].shape[:1]] + [1] + list(args[3].shape[2:]),
+                                    "cnn_cache": [int(v) for v in args[4].shape[:1]] + [1] + list(args[4].shape[2:])}),
     }
     if tokenizer is not None:
         meta["vocabulary"] = json.dumps(list(tokenizer.tokens), ensure_ascii=False)
-        meta["tokenizer"] = json.dumps(tokenizer.to_dict(), ensure_ascii=False)
+        if hasattr(tokenizer, "to_dict"):
+            meta["tokenizer"] = json.dumps(tokenizer.to_dict(), ensure_ascii=False)
     del proto.metadata_props[:]
     for k, v in meta.items():
         p = proto.metadata_props.add()
@@ -111,55 +132,8 @@ def export_streaming_onnx(model, path: str | os.PathLike, chunk_size: int = 16, 
     return path
 
 
-class OnnxChunker:
-    """The :class:`StreamingDecoder` chunk step on onnxruntime."""
-
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        if num_threads:
-            so.intra_op_num_threads = int(num_threads)
-            so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.chunk = int(self.meta["streaming_chunk"])
-        self.left_chunks = int(self.meta["left_chunks"])
-        shapes = json.loads(self.meta["cache_shapes"])
-        self.att_shape, self.cnn_shape = shapes["att_cache"], shapes["cnn_cache"]
-        self.window = 4 * self.chunk + 3
-        self.reset()
-
-    def reset(self) -> None:
-        self.att = np.zeros(self.att_shape, np.float32)
-        self.cnn = np.zeros(self.cnn_shape, np.float32)
-        self.offset = 0
-
-    def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        """Raw fbank window (T <= 4C+3, F) -> log-probs (C', V)."""
-        t, f = window.shape
-        x = np.zeros((1, self.window, f), np.float32)
-        x[0, :t] = window.numpy()
-        lp, n, self.att, self.cnn = self.session.run(None, {
-            "feats": x, "feat_len": np.array([t], np.int64), "offset": np.array([self.offset], np.int64),
-            "att_cache": self.att, "cnn_cache": self.cnn})
-        n = int(np.asarray(n).reshape(-1)[0])
-        self.offset += n
-        return torch.from_numpy(lp[0, :n]).float()
-
-
 def load_onnx_streaming(path: str | os.PathLike, num_threads: int | None = None, tokenizer=None) -> StreamingDecoder:
-    """A :class:`StreamingDecoder` running an ONNX chunk model exported by :func:`export_streaming_onnx`."""
-    from harken.features import FbankConfig
-    from harken.runtime.engine import VocabTokenizer
-    from harken.text.tokenizer import tokenizer_from_dict
-
-    ch = OnnxChunker(path, num_threads)
-    meta = ch.meta
-    fb = FbankConfig(**json.loads(meta["feature_config"]))
-    if tokenizer is None:
-        tokenizer = (tokenizer_from_dict(json.loads(meta["tokenizer"])) if meta.get("tokenizer")
-                     else VocabTokenizer(json.loads(meta["vocabulary"])))
-    # CMVN is inside the graph: the features here are raw fbank
-    return StreamingDecoder(tokenizer=tokenizer, chunk_size=ch.chunk, left_chunks=ch.left_chunks, chunker=ch,
-                            features=StreamingFeatures(fb, None))
+    """A single-stream :class:`StreamingDecoder` over an ONNX chunk model exported by
+    :func:`export_streaming_onnx` (for many streams share one :meth:`StreamingModel.from_onnx`)."""
+    return StreamingDecoder(streaming_model=StreamingModel.from_onnx(path, num_threads=num_threads,
+                                                                     tokenizer=tokenizer))

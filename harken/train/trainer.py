@@ -52,7 +52,8 @@ from harken.data.dataset import AsrDataset, make_loader
 from harken.data.manifest import Record, read_manifest
 from harken.data.sampler import BucketSampler, group_weights
 from harken.evaluate import decode_records, error_report
-from harken.features import CmvnAccumulator, Fbank, Frontend, GlobalCMVN
+from harken.features import GlobalCMVN
+from harken.models.build import build_model, find_unused_parameters, param_groups, takes_waveform
 from harken.models.ctc import CtcModel, ctc_loss
 from harken.text.normalize import normalize_text
 from harken.text.tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_dict
@@ -105,30 +106,15 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn: GlobalCMVN | None = None) -> CtcModel:
-    if cfg.model.encoder.type == "wav2vec2":  # raw waveform in: no fbank frontend, no CMVN
-        from harken.models.wav2vec2 import build_wav2vec2_ctc
-
-        return build_wav2vec2_ctc(cfg.model.encoder, vocab_size)
-    fb = cfg.model.fbank
-    frontend = Frontend(fb, cfg.model.specaug, cmvn or GlobalCMVN.identity(fb.num_mel_bins))
-    return CtcModel(cfg.model.encoder, vocab_size, frontend=frontend)
+# build_model (re-exported here for old callers) lives in harken.models.build: every encoder type is
+# built through the registry, and the encoder class says how it is fed and how it is optimised
 
 
 def estimate_cmvn(records: list[Record], cfg: ExperimentConfig, seed: int) -> GlobalCMVN:
     """Global mean/std of fbank features over a random subset of training utterances."""
-    rng = np.random.default_rng(seed)
-    n = min(len(records), cfg.data.cmvn_utts)
-    pick = sorted(rng.choice(len(records), size=n, replace=False).tolist())
-    ds = AsrDataset(records)
-    fbank = Fbank(cfg.model.fbank).eval()
-    acc = CmvnAccumulator()
-    with torch.inference_mode():
-        for i in range(0, n, 16):
-            b = ds[(0, pick[i : i + 16])]
-            feats, lens = fbank(b.wave, b.wave_lens)
-            acc.update(feats, lens)
-    return acc.result()
+    from harken.data.dataset import estimate_cmvn as _estimate
+
+    return _estimate(records, cfg.model.fbank, cfg.data.cmvn_utts, seed)
 
 
 def load_train_records(cfg: ExperimentConfig) -> list[Record]:
@@ -180,7 +166,13 @@ class Run:
 
 
 def rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state, as tensors and plain data only, so that checkpoints load with
+    ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": random.getstate(),
+         "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                   float(cached)],
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -188,7 +180,10 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    ns = s["numpy"]
+    if isinstance(ns, (list, tuple)) and hasattr(ns[1], "numpy"):
+        ns = (ns[0], ns[1].numpy().astype(np.uint32), ns[2], ns[3], ns[4])
+    np.random.set_state(ns)
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -394,8 +389,14 @@ def stop_reason(run: Run) -> str | None:
 def validate(run: Run) -> dict | None:
     if not run.dev_records:
         return None
-    hyps = decode_records(run.core, run.dev_records, run.tokenizer, run.device,
-                          max_duration=run.cfg.data.max_duration)
+    from harken.evaluate import as_engine
+
+    was_training = run.core.training
+    try:
+        engine = as_engine(run.core, run.tokenizer, run.cfg, run.device)
+        hyps = decode_records(engine, run.dev_records, max_duration=run.cfg.data.max_duration)
+    finally:
+        run.core.train(was_training)
     refs = [normalize_text(r.text) for r in run.dev_records]
     return error_report(refs, hyps).as_dict()
 
@@ -503,6 +504,9 @@ def average_last(run: Run, n: int) -> Path | None:
 
 # ------------------------------------------------------------------------------------ main
 def setup(cfg: ExperimentConfig) -> Run:
+    from harken.config import validate
+
+    cfg = validate(cfg)  # configs built in code get the checks load_config does, before any work
     device = pick_device(cfg.train.device)
     rank, world, local_rank = env_world()
     if device.type == "cuda":
@@ -550,7 +554,7 @@ def setup(cfg: ExperimentConfig) -> Run:
 
     # CMVN: from a file, else estimated (rank 0 writes it, others read it)
     cmvn_path = Path(cfg.data.cmvn) if cfg.data.cmvn else exp_dir / "cmvn.json"
-    if resume_obj is None and not cmvn_path.exists() and cfg.model.encoder.type != "wav2vec2":
+    if resume_obj is None and not cmvn_path.exists() and not takes_waveform(cfg.model.encoder):
         if info.is_main:
             estimate_cmvn(records, cfg, cfg.train.seed).to_file(cmvn_path)
         barrier(info)
@@ -569,21 +573,14 @@ def setup(cfg: ExperimentConfig) -> Run:
         # are averaged in 25 MB buckets while the backward pass is still running
         model = torch.nn.parallel.DistributedDataParallel(
             core, device_ids=[device.index] if device.type == "cuda" else None,
-            # wav2vec2's layer drop leaves some parameters without gradients in some steps
-            find_unused_parameters=cfg.model.encoder.type == "wav2vec2")
+            # e.g. wav2vec2's layer drop leaves some parameters without gradients in some steps
+            find_unused_parameters=find_unused_parameters(core))
     if info.rank:  # a distinct stream per rank for anything outside the per-batch seeding
         seed_everything(cfg.train.seed + 1_000_003 * info.rank)
 
     oc = cfg.optim
-    if cfg.model.encoder.type == "wav2vec2":  # the pretrained encoder gets its own (lower) learning rate
-        from harken.models.wav2vec2 import param_groups
-
-        groups = param_groups(core, oc.lr, oc.weight_decay)
-    else:
-        decay, no_decay = [], []
-        for n, p in core.named_parameters():
-            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
-        groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the encoder class declares its groups (wav2vec2: the pretrained encoder at a lower learning rate)
+    groups = param_groups(core, oc.lr, oc.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                   fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -614,8 +611,9 @@ def setup(cfg: ExperimentConfig) -> Run:
             raise ConfigError("data.feature_cache stores fbank features of the unaugmented audio: disable "
                               "waveform augmentation (data.augment.speed_factors=[] noise_prob=0 volume_prob=0) "
                               "or drop the cache; SpecAugment still applies")
-        if cfg.model.encoder.type == "wav2vec2":
-            raise ConfigError("data.feature_cache is for fbank models; wav2vec2 reads the waveform")
+        if takes_waveform(cfg.model.encoder):
+            raise ConfigError(f"data.feature_cache is for fbank models; the {cfg.model.encoder.type} encoder "
+                              "reads the waveform")
         cache = FeatureCache(dc.feature_cache, cfg.model.fbank)
     dataset = AsrDataset(records, tokenizer, augmenter, seed=cfg.train.seed, normalize=normalize_text,
                          feature_cache=cache)

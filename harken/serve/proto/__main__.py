@@ -1,0 +1,4 @@
+from harken.serve.proto import generate
+
+for p in generate():
+    print(p)
