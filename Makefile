@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= $(shell nproc)
 DEMO_CFG ?= configs/demo.yaml
 
-.PHONY: demo test test-all setup voices-apt synth train eval transcribe bench clean lint
+.PHONY: demo test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,18 @@ voices-apt:
 	    flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts ffmpeg >/dev/null) \
 	  || echo "voices-apt: apt-get failed; continuing with pip voices only"; \
 	else echo "voices-apt: not root or no apt-get; continuing with pip voices only"; fi
+
+# Debian packages the tests use: ffmpeg (compressed audio), prometheus (promtool, a live scrape),
+# chromium (the web page), pocketsphinx-testdata (real speech); PostgreSQL when no initdb is found.
+test-apt:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  pkgs=""; for b in ffmpeg:ffmpeg promtool:prometheus chromium:chromium; do \
+	    command -v $${b%%:*} >/dev/null || pkgs="$$pkgs $${b##*:}"; done; \
+	  dpkg -s pocketsphinx-testdata >/dev/null 2>&1 || pkgs="$$pkgs pocketsphinx-testdata"; \
+	  command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pkgs="$$pkgs postgresql"; \
+	  if [ -n "$$pkgs" ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$pkgs >/dev/null) || echo "test-apt: apt-get failed for$$pkgs"; fi; \
+	else echo "test-apt: not root or no apt-get; tests needing ffmpeg/prometheus/chromium will say so"; fi
 
 synth: $(STAMP) voices-apt
 	$(BIN)/harken synth --out data/corpus --noise-dir data/noise --jobs $(JOBS)
@@ -47,10 +59,13 @@ transcribe: $(STAMP)
 
 demo: synth train eval transcribe
 
-test: $(STAMP)
+test: $(STAMP) test-apt
 	$(BIN)/python -m pytest -q -m 'not slow' tests
 
-test-all: $(STAMP)
+test-slow: $(STAMP) test-apt
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-all: $(STAMP) test-apt
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -24,6 +24,19 @@ def sgemm_gflops(n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def sgemm_gflops_median(n: int = 2048, bursts: int = 5) -> float:
+    """fp32 GEMM rate as the median of ``bursts`` timed GEMMs (not best-of: on a shared host the
+    best burst overstates the rate the timed work actually had)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    rates = []
+    for _ in range(bursts):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return statistics.median(rates)
+
+
 def median(xs):
     return statistics.median(xs)
 
