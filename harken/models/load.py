@@ -11,6 +11,7 @@ is refused before any of its payload runs). The training resume path
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -83,6 +84,14 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         tok = tokenizer_from_dict(obj["tokenizer"])
     except Exception as e:
         raise ModelFileError(f"{path}: its tokenizer does not load ({type(e).__name__}: {e})") from None
+    from harken.models.registry import encoder_class
+
+    try:  # encoders whose pretrained weights are in the state dict rebuild without the original files
+        if cfg.model.encoder.pretrained and getattr(encoder_class(cfg.model.encoder.type), "weights_in_state_dict",
+                                                    False):
+            cfg.model.encoder = dataclasses.replace(cfg.model.encoder, pretrained=None)
+    except (KeyError, ValueError):
+        pass  # an unknown encoder type: build_model names it below
     try:
         model = build_model(cfg, tok.vocab_size)
         model.load_state_dict(obj["model"])
