@@ -20,3 +20,26 @@ def tiny_corpus(tmp_path_factory):
                        piper_fraction=0.0, voices=["espeak"])
     summary = synthesize_corpus(cfg, str(out), jobs=2, progress=False)
     return out, summary
+
+
+TINY_MODEL = ["model.encoder.d_model=48", "model.encoder.num_layers=2", "model.encoder.num_heads=2",
+              "model.encoder.ff_dim=96", "model.encoder.conv_kernel=7", "model.encoder.subsampling_channels=16"]
+
+
+def write_tiny_checkpoint(corpus, path, overrides=TINY_MODEL):
+    """An untrained tiny Conformer-CTC checkpoint with the corpus's character vocabulary, its output
+    bias pushed off blank so texts are not empty: real inference, deterministic output."""
+    from harken.config import load_config, to_dict
+    from harken.data.manifest import read_manifest
+    from harken.models.build import build_model
+    from harken.text.tokenizer import CharTokenizer
+    from harken.train.checkpoint import atomic_save
+
+    tok = CharTokenizer.build([r.text.lower() for r in read_manifest(corpus / "train.jsonl")])
+    cfg = load_config(None, list(overrides))
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size)
+    with torch.no_grad():
+        model.output.bias[0] -= 2.0
+    atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "tokenizer": tok.to_dict()}, path)
+    return path

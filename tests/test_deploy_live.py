@@ -40,23 +40,13 @@ TINY = ["model.encoder.d_model=48", "model.encoder.num_layers=2", "model.encoder
 @pytest.fixture(scope="module")
 def tiny_model(tiny_corpus, tmp_path_factory):
     """An untrained tiny Conformer-CTC checkpoint with the corpus's character vocabulary."""
-    import torch
 
-    from harken.config import load_config, to_dict
+    from conftest import write_tiny_checkpoint
+
     from harken.data.manifest import read_manifest
-    from harken.text.tokenizer import CharTokenizer
-    from harken.train.checkpoint import atomic_save
-    from harken.train.trainer import build_model
 
     corpus, _ = tiny_corpus
-    tok = CharTokenizer.build([r.text.lower() for r in read_manifest(corpus / "train.jsonl")])
-    cfg = load_config(None, TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg, tok.vocab_size)
-    with torch.no_grad():
-        model.output.bias[0] -= 2.0
-    path = tmp_path_factory.mktemp("deploy-model") / "tiny.pt"
-    atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "tokenizer": tok.to_dict()}, path)
+    path = write_tiny_checkpoint(corpus, tmp_path_factory.mktemp("deploy-model") / "tiny.pt", TINY)
     audio = [r.audio for r in read_manifest(corpus / "test_seen.jsonl")]
     return path, audio
 

@@ -21,23 +21,13 @@ TINY = ["model.encoder.d_model=48", "model.encoder.num_layers=2", "model.encoder
 def tiny_ckpt(tiny_corpus, tmp_path_factory):
     """An untrained tiny model saved as a harken checkpoint (output bias pushed off blank so the
     greedy text is not empty)."""
-    from harken.config import load_config, to_dict
+    from conftest import write_tiny_checkpoint
+
     from harken.data.manifest import read_manifest
-    from harken.models.build import build_model
-    from harken.text.tokenizer import CharTokenizer
-    from harken.train.checkpoint import atomic_save
 
     corpus, _ = tiny_corpus
     recs = read_manifest(corpus / "test_seen.jsonl")
-    tok = CharTokenizer.build([r.text.lower() for r in read_manifest(corpus / "train.jsonl")])
-    cfg = load_config(None, TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg, tok.vocab_size)
-    with torch.no_grad():
-        model.output.bias[0] -= 2.0
-    out = tmp_path_factory.mktemp("engine")
-    path = out / "model.pt"
-    atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "tokenizer": tok.to_dict()}, path)
+    path = write_tiny_checkpoint(corpus, tmp_path_factory.mktemp("engine") / "model.pt", TINY)
     return path, recs
 
 

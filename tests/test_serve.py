@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from harken.serve.config import ApiKey, ServeConfig, hash_key, load_serve_config
 from harken.serve.testing import LiveServer
@@ -29,21 +28,10 @@ KEY = "sk-test-harken-0123456789"
 def model_path(tiny_corpus, tmp_path_factory):
     """An untrained tiny Conformer-CTC checkpoint (output bias pushed off blank so texts are not
     empty): real inference, deterministic output."""
-    from harken.config import load_config, to_dict
-    from harken.data.manifest import read_manifest
-    from harken.text.tokenizer import CharTokenizer
-    from harken.train.checkpoint import atomic_save
-    from harken.train.trainer import build_model
+    from conftest import write_tiny_checkpoint
 
     corpus, _ = tiny_corpus
-    tok = CharTokenizer.build([r.text.lower() for r in read_manifest(corpus / "train.jsonl")])
-    cfg = load_config(None, TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg, tok.vocab_size)
-    with torch.no_grad():
-        model.output.bias[0] -= 2.0
-    path = tmp_path_factory.mktemp("serve") / "tiny.pt"
-    atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "tokenizer": tok.to_dict()}, path)
+    path = write_tiny_checkpoint(corpus, tmp_path_factory.mktemp("serve") / "tiny.pt", TINY)
     return path
 
 

@@ -311,10 +311,12 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, vari
 def _self_check(net: nn.Module, path: Path, names_in: list[str], min_in: int, fb) -> None:
     """Run the file in onnxruntime at a length other than the traced one; compare with torch."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 (installed?)
     except ImportError:
         return
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from harken.runtime.ort import make_session
+
+    sess = make_session(path)
     g = torch.Generator().manual_seed(0)
     if names_in[0] == "waveform":
         n = max(min_in, 7777)

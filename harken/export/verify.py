@@ -30,16 +30,11 @@ class OnnxCtc:
     ``min_input`` are zero-padded (their lengths stay true)."""
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None, providers=None):
-        import onnxruntime as ort
-
         from harken.export.onnx import read_metadata
+        from harken.runtime.ort import make_session
 
         self.path = str(path)
-        so = ort.SessionOptions()
-        if num_threads:
-            so.intra_op_num_threads = int(num_threads)
-            so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(self.path, so, providers=providers or ["CPUExecutionProvider"])
+        self.session = make_session(self.path, num_threads=num_threads, providers=providers)
         self.meta = read_metadata(self.path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.kind = self.meta.get("input_kind", "waveform")

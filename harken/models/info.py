@@ -207,9 +207,9 @@ class ModelInfo:
         encoder = getattr(model, "encoder", None)
         waveform_in = bool(getattr(encoder, "takes_waveform", False)) or getattr(model, "frontend", 1) is None
         frame_seconds = getattr(encoder, "frame_seconds", None)
-        sub_mod = getattr(encoder, "subsampling", None) if encoder is not None else None
-        sub = int(getattr(model, "subsampling_factor", None) or getattr(sub_mod, "factor", 4) or 4)
-        right = int(getattr(sub_mod, "right_context", 6 if sub == 4 else 0) or 0)
+        # the geometry comes from the model's subsampling module (CtcModel.subsampling_factor/right_context)
+        sub = int(model.subsampling_factor)
+        right = int(getattr(model, "right_context", 0) or 0)
         shift, length = fb.frame_shift_ms / 1000.0, fb.frame_length_ms / 1000.0
         if frame_seconds:  # encoders on raw waveforms: their own output step
             out_shift, offset = float(frame_seconds), 0.0

@@ -337,14 +337,10 @@ class _OnnxStep:
     def __init__(self, path, num_threads: int | None = None):
         import json
 
-        import onnxruntime as ort
+        from harken.runtime.ort import make_session
 
-        so = ort.SessionOptions()
-        if num_threads:
-            so.intra_op_num_threads = int(num_threads)
-            so.inter_op_num_threads = 1
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        self.session = make_session(self.path, num_threads=num_threads)
         self.meta = dict(self.session.get_modelmeta().custom_metadata_map)
         if self.meta.get("model_type") != "ctc_streaming":
             raise ValueError(f"{path}: not a harken streaming ONNX (model_type "
