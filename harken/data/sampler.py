@@ -216,20 +216,27 @@ def group_weights(groups: Sequence[str], mode: str = "sqrt_inverse", cap: float 
     return np.minimum(per_group, cap)[inv]
 
 
-def length_batches(lengths: Sequence[float], max_total: float, max_size: int | None = None) -> list[list[int]]:
+def length_batches(lengths: Sequence[float], max_total: float, max_size: int | None = None,
+                   max_ratio: float | None = None) -> list[list[int]]:
     """Deterministic inference batches: indices sorted by length, cut so that a batch's padded size
-    (longest x count) stays within ``max_total`` and its count within ``max_size``. Every index
+    (longest x count) stays within ``max_total``, its count within ``max_size`` and, with
+    ``max_ratio``, its longest item within ``max_ratio`` x its shortest (bounded padding). Every index
     appears once; one over-long item gets a batch of its own."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
     longest = 0.0
+    shortest = 0.0
     for i in order:
         n = float(lengths[i])
         full = max(longest, n) * (len(cur) + 1) > max_total or (max_size is not None and len(cur) >= max_size)
+        if cur and max_ratio is not None and n > max_ratio * max(shortest, 1e-9):
+            full = True
         if cur and full:
             batches.append(cur)
             cur, longest = [], 0.0
+        if not cur:
+            shortest = n
         cur.append(i)
         longest = max(longest, n)
     if cur:
