@@ -495,7 +495,8 @@ class Engine:
             try:
                 arr, _ = as_waveform(w, sample_rate=sr) if not _is_plain_wave(w) else (w, "<array>")
             except (AudioError, TypeError, ValueError) as e:
-                results[i] = ItemError("bad_audio", f"item {i}: {e}", index=i, source=src)
+                results[i] = ItemError("bad_audio", f"item {i}: {e}", index=i, source=src,
+                                       audio_code=getattr(e, "code", ""))
                 continue
             dur = len(arr) / sr
             if limit and dur > limit:
@@ -565,7 +566,7 @@ class Engine:
         r = self.infer_batch([wave], options, long_form=True)[0]
         if isinstance(r, ItemError):
             if r.code == "bad_audio":
-                raise AudioError(f"{src}: {r.message.split(': ', 1)[-1]}", code="bad_input")
+                raise AudioError(f"{src}: {r.message.split(': ', 1)[-1]}", code=r.audio_code or "bad_input")
             raise RuntimeError(f"{src}: {r.message}")
         r.source = src
         r.timings["audio_decode"] = t_dec

@@ -83,6 +83,7 @@ class ItemError(Exception):
     index: int = -1
     source: str = ""
     timings: dict = field(default_factory=dict)
+    audio_code: str = ""  # for bad_audio from harken.audio: the AudioError's code (corrupt, too_long, ...)
 
     def __post_init__(self):
         super().__init__(self.message)
