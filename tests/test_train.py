@@ -59,7 +59,9 @@ def test_tiny_model_overfits_synthesized_speech_to_wer_zero(tiny_corpus, tmp_pat
     assert rep.wer == 0.0, list(zip(refs, hyps))
     assert run.state.nonfinite_skipped == 0
     # the Python API agrees with batch decoding, and gives word times inside the audio
-    t = rec.transcribe(recs[0].audio)
+    from harken.runtime import DecodeOptions
+
+    t = rec.transcribe(recs[0].audio, options=DecodeOptions(word_timestamps=True))
     assert t.text == refs[0]
     assert [w.word for w in t.words] == refs[0].split()
     assert all(0 <= w.start < w.end <= t.duration + 0.05 for w in t.words)
