@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -32,29 +31,13 @@ def serve_model_path(tiny_corpus, tmp_path_factory):
     per test session and shared by the serve stream/gRPC/page tests. Untrained, with the output
     bias pushed off blank so the greedy text is not empty: its text is nonsense but a
     deterministic function of the audio, which is what the comparisons need."""
-    from harken.config import load_config, to_dict
-    from harken.data.manifest import read_manifest
-    from harken.text.normalize import normalize_text
-    from harken.text.tokenizer import CharTokenizer
-    from harken.train.checkpoint import atomic_save
-    from harken.train.trainer import build_model
+    from conftest import TINY_MODEL, write_tiny_checkpoint
 
     path = tmp_path_factory.getbasetemp() / "serve_stream_model" / "model.pt"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     corpus, _ = tiny_corpus
-    tok = CharTokenizer.build([normalize_text(r.text) for r in read_manifest(corpus / "train.jsonl")])
-    cfg = load_config(None, ["model.encoder.d_model=48", "model.encoder.num_layers=2", "model.encoder.num_heads=2",
-                             "model.encoder.ff_dim=96", "model.encoder.conv_kernel=7",
-                             "model.encoder.subsampling_channels=16", "model.encoder.causal=true",
-                             "model.encoder.chunk_size=8"])
-    torch.manual_seed(0)
-    model = build_model(cfg, tok.vocab_size)
-    with torch.no_grad():
-        model.output.bias[0] -= 2.0
-    atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "tokenizer": tok.to_dict()}, path)
-    return path
+    return write_tiny_checkpoint(corpus, path, TINY_MODEL + ["model.encoder.causal=true", "model.encoder.chunk_size=8"])
 
 
 def speech(tiny_corpus, n=2, gap=0.4, split="test_seen"):
