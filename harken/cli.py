@@ -1,4 +1,4 @@
-"""harken command line: synth | prepare | train | eval | transcribe | export | lm | tune | serve.
+"""harken command line: synth | prepare | split | train | eval | transcribe | export | lm | tune | serve.
 
 User mistakes (bad paths, bad config keys, unreadable audio, bad model files: ValueError subclasses
 and missing files) print one clear line and exit 2; ``--debug`` (anywhere on the line) shows the
@@ -62,12 +62,12 @@ def cmd_prepare(a) -> int:
 
         print(f"wrote {prepare_realdev(a.source)}")
         return 0
-    from harken.data.importers import IMPORTERS
-
-    recs = IMPORTERS[a.kind](a.source)
+    recs = _import_checked(a)
     n = write_manifest(a.output, recs)
-    hours = sum(r.duration for r in recs) / 3600
-    print(f"wrote {n} records ({hours:.2f} h) to {a.output}")
+    secs = sum(r.duration for r in recs)
+    speakers = len({r.speaker for r in recs if r.speaker})
+    print(f"wrote {n} records ({secs / 3600:.2f} h = {secs / 60:.1f} min, {speakers} speakers) to {a.output}")
+    _describe(recs)
     if a.cmvn:
         from harken.config import load_config
         from harken.data.dataset import estimate_cmvn
@@ -75,6 +75,98 @@ def cmd_prepare(a) -> int:
         cfg = load_config(a.config, a.overrides)
         estimate_cmvn(recs, cfg.model.fbank, a.max_utts, seed=0).to_file(a.cmvn)
         print(f"wrote CMVN stats to {a.cmvn}")
+    return 0
+
+
+_TABLE_KINDS = ("csv", "commonvoice", "audiofolder")
+
+
+def _import_checked(a):
+    """Import ``a.source`` with every audio file checked; what is dropped is summarised on stdout
+    (one line, then the first few) and listed in ``<output stem>.dropped.jsonl`` beside the
+    manifest. No usable utterance at all is a user error."""
+    from harken.data.importers import IMPORTERS, DropLog, finalize_records
+    from harken.data.manifest import ManifestError
+
+    table_opts = {"path_col": a.path_col, "text_col": a.text_col, "speaker_col": a.speaker_col,
+                  "group_col": a.group_col, "duration_col": a.duration_col}
+    given = [f"--{k.replace('_', '-')}" for k, v in table_opts.items() if v]
+    if given and a.kind not in _TABLE_KINDS:
+        raise ValueError(f"{', '.join(given)}: only for 'harken prepare csv|commonvoice|audiofolder', not '{a.kind}'")
+    if a.label_pattern and a.kind != "folder":
+        raise ValueError(f"--label-pattern: only for 'harken prepare folder', not '{a.kind}'")
+    if a.audio_root and a.kind not in ("csv", "commonvoice"):
+        raise ValueError(f"--audio-root: only for 'harken prepare csv|commonvoice', not '{a.kind}'")
+    if not a.duration_tolerance >= 0:
+        raise ValueError(f"--duration-tolerance must be >= 0 seconds, got {a.duration_tolerance}")
+    drops = DropLog()
+    kw: dict = {"drops": drops}
+    if a.kind in _TABLE_KINDS:
+        kw.update(tolerance=a.duration_tolerance, **{k: v for k, v in table_opts.items() if v})
+        if a.audio_root:
+            kw["audio_root"] = a.audio_root
+    elif a.kind == "folder" and a.label_pattern:
+        kw["label_pattern"] = a.label_pattern
+    recs = finalize_records(IMPORTERS[a.kind](a.source, **kw), drops)
+    out = Path(a.output)
+    dropped = out.with_name(out.stem + ".dropped.jsonl")
+    if len(drops):
+        drops.write(dropped)
+    elif dropped.exists():  # a stale list from an earlier run would mislead
+        dropped.unlink()
+    if len(drops):
+        print(drops.summary(len(recs)))
+        for line in drops.first(5):
+            print(f"  {line}")
+        if len(drops) > 5:
+            print(f"  ... and {len(drops) - 5} more")
+        print(f"  every dropped utterance and why: {dropped}")
+    if not recs:
+        hint = ""
+        if a.kind == "folder" and not a.label_pattern and drops.counts().get("no transcript") == len(drops):
+            hint = " (no .txt sidecars: to take the labels from the file names use --label-pattern)"
+        raise ManifestError(f"no usable utterances in {a.source}"
+                            + (f": {drops.summary(0)}, listed in {dropped}{hint}" if len(drops) else
+                               " (no audio files found)"))
+    return recs
+
+
+def _describe(recs) -> None:
+    """Sample rates and vocabulary of a prepared manifest: what the config should match."""
+    from harken.data.importers import sample_rates
+
+    rates = sample_rates(recs)
+    print("sample rates: " + ", ".join(f"{r} Hz x {n}" if r else f"unknown x {n}"
+                                      for r, n in sorted(rates.items(), reverse=True)))
+    words = {w for r in recs for w in r.text.split()}
+    chars = {c for r in recs for c in r.text if c != " "}
+    print(f"vocabulary: {len(words)} distinct words, {len(chars)} characters")
+    if 0 < len(words) <= 1000:
+        print("  a small vocabulary: word pieces give one token per word (tokenizer.kind=bpe with a large "
+              "tokenizer.vocab_size, which sentencepiece caps; see docs/own-data.md)")
+
+
+# ------------------------------------------------------------------------------------ split
+def cmd_split(a) -> int:
+    from harken.data.manifest import read_manifest, write_manifest
+    from harken.data.split import split_records, split_table
+
+    src = Path(a.manifest)
+    recs = read_manifest(src)
+    out = Path(a.out)
+    names = ("train", "dev", "test")
+    clash = [n for n in names if (out / f"{n}.jsonl").resolve() == src.resolve()]
+    if clash:
+        raise ValueError(f"--out {out} would overwrite the input manifest {src} with its {clash[0]} split; "
+                         f"choose another --out or rename the input (e.g. all.jsonl)")
+    parts = split_records(recs, dev=a.dev, test=a.test, by=a.by, seed=a.seed)
+    for n in names:
+        if parts[n] or n == "train":
+            write_manifest(out / f"{n}.jsonl", parts[n])
+        elif (out / f"{n}.jsonl").exists():  # an empty split leaves no stale file from an earlier run
+            (out / f"{n}.jsonl").unlink()
+    print(split_table(parts))
+    print(f"wrote {', '.join(str(out / f'{n}.jsonl') for n in names if parts[n])}")
     return 0
 
 
@@ -119,9 +211,23 @@ def cmd_eval(a) -> int:
     import time
 
     from harken.data.manifest import read_manifest
-    from harken.evaluate import decode_records, error_report, write_errors
+    from harken.evaluate import (
+        check_group_fields,
+        decode_records,
+        error_report,
+        format_groups,
+        grouped_report,
+        write_errors,
+    )
     from harken.text.normalize import normalize_text
 
+    group_by = _group_fields(getattr(a, "group_by", None))
+    for m in a.manifests if group_by else []:  # a field no set has is a user error, before the model loads
+        try:
+            records = read_manifest(m)
+        except (ValueError, OSError):
+            continue  # named and skipped by the loop below
+        check_group_fields(records, group_by, m)
     eng = _engine(a.checkpoint, a.threads, getattr(a, "backend", "auto"), _decode_cfg(a))
     out_dir = Path(a.out) if a.out else Path(a.checkpoint).resolve().parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +247,9 @@ def cmd_eval(a) -> int:
             continue
         audio = sum(r.duration for r in records)
         rep.update(set=name, hours=audio / 3600, rtf=dt / max(audio, 1e-9))
-        write_errors(out_dir / f"errors-{name}.jsonl", records, refs, hyps)
+        if group_by:
+            rep["groups"] = {f: grouped_report(records, refs, hyps, f) for f in group_by}
+        write_errors(out_dir / f"errors-{name}.jsonl", records, refs, hyps, fields=group_by)
         rows.append(rep)
         (out_dir / "results.json").write_text(json.dumps(rows, indent=1))  # after every set
         if a.report:
@@ -152,19 +260,36 @@ def cmd_eval(a) -> int:
     for r in rows:
         print(f"{r['set']:<16} {r['num_utts']:>6} {r['num_words']:>7} {100 * r['wer']:>7.2f} "
               f"{100 * r['cer']:>7.2f} {100 * r['sentence_error_rate']:>7.2f} {r['rtf']:>7.4f}")
+    for r in rows:
+        for f, g in r.get("groups", {}).items():
+            print("\n" + format_groups(f, g, r["set"]))
     print(f"\nper-utterance errors and results.json in {out_dir}")
     if a.report and report_sets:
         from harken.report import find_exp_dir, write_report
 
         exp_dir = find_exp_dir(a.checkpoint, eng.config.train.exp_dir if eng.config is not None else None)
         page = write_report(a.report, report_sets, exp_dir=str(exp_dir) if exp_dir else None,
-                            max_worst=a.report_worst)
+                            max_worst=a.report_worst, group_by=group_by)
         print(f"HTML report: {page}")
     if failed:
         print(f"harken eval: error: {len(failed)} of {len(a.manifests)} manifests failed: {', '.join(failed)}",
               file=sys.stderr)
         return 2
     return 0
+
+
+def _group_fields(values) -> list[str]:
+    """``--group-by`` values (repeated and/or comma-separated) as a list without repeats."""
+    out: list[str] = []
+    for v in values or []:
+        for f in v.split(","):
+            f = f.strip()
+            if not f or f == "extra":
+                raise ValueError(f"--group-by {v!r}: name a manifest field (speaker, group, or an extra key "
+                                 f"such as engine)")
+            if f not in out:
+                out.append(f)
+    return out
 
 
 # ------------------------------------------------------------------------------------ transcribe
@@ -264,16 +389,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("prepare", help="import a dataset into a JSONL manifest, or compute CMVN stats")
-    s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "cmvn", "realdev"])
-    s.add_argument("source", help="data dir / root / NeMo manifest / folder; a manifest for 'cmvn'; "
-                                  "the output folder for 'realdev'")
+    s = sub.add_parser("prepare", help="import a dataset into a JSONL manifest, or compute CMVN stats",
+                       description="Import a dataset into a JSONL manifest. Every audio file is read: missing, "
+                                   "unreadable or empty files, empty transcripts and durations that disagree "
+                                   "with the audio are dropped, summarised, and listed in "
+                                   "<output>.dropped.jsonl; transcripts are normalised (original kept as "
+                                   "extra.raw_text). 'csv' reads any CSV/TSV with a header (columns found by "
+                                   "name), 'commonvoice' a Common Voice TSV (clips/ beside it), 'audiofolder' a "
+                                   "Hugging Face audiofolder (metadata.csv), 'folder' audio files with .txt "
+                                   "sidecars or labels in their names (--label-pattern).")
+    s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "csv", "commonvoice", "audiofolder",
+                                    "cmvn", "realdev"])
+    s.add_argument("source", help="data dir / root / NeMo manifest / folder / CSV or TSV file / audiofolder; "
+                                  "a manifest for 'cmvn'; the output folder for 'realdev'")
     s.add_argument("-o", "--output", default=None, help="manifest (.jsonl) or cmvn.json to write")
+    s.add_argument("--path-col", default=None, help="csv: the audio path column (default: found by name: path, "
+                                                    "file_name, audio, ...)")
+    s.add_argument("--text-col", default=None, help="csv: the transcript column (default: transcription, text, "
+                                                    "sentence, ...)")
+    s.add_argument("--speaker-col", default=None, help="csv: the speaker column (default: speaker, speaker_id, "
+                                                       "client_id, ...)")
+    s.add_argument("--group-col", default=None, help="csv: a column for the record's group (default: group)")
+    s.add_argument("--duration-col", default=None,
+                   help="csv: a duration column checked against the audio (default: duration, duration_ms, ...)")
+    s.add_argument("--audio-root", default=None,
+                   help="csv/commonvoice: folder relative audio paths are under (default: the table's folder, "
+                        "or clips/ beside it)")
+    s.add_argument("--label-pattern", default=None, metavar="PATTERN",
+                   help="folder: labels from file names instead of .txt sidecars, e.g. '{speaker}_{text}_{n}.wav' "
+                        "or a regex with named groups '(?P<speaker>[^_]+)_(?P<text>.+)'; underscores and dashes "
+                        "in the text become spaces")
+    s.add_argument("--duration-tolerance", type=float, default=0.1, metavar="SECONDS",
+                   help="largest difference between a listed duration and the audio read (plus 1%%)")
     s.add_argument("--cmvn", default=None, help="also write global CMVN stats here")
     s.add_argument("--max-utts", type=int, default=1000, help="utterances used for CMVN")
     s.add_argument("--config", default=None, help="experiment config (for the fbank settings)")
     s.add_argument("overrides", nargs="*", default=[])
     s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("split", help="split a manifest into train/dev/test, by speaker or at random",
+                       description="Deterministic dev/test/train manifests (DIR/train.jsonl, dev.jsonl, test.jsonl). "
+                                   "--by speaker keeps each speaker in one split; --by random keeps the "
+                                   "utterances of one audio file together. The same input, fractions and seed "
+                                   "always give the same split, whatever the order of the input lines.")
+    s.add_argument("manifest")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--dev", type=float, default=0.1, help="fraction of utterances for dev (0: none)")
+    s.add_argument("--test", type=float, default=0.1, help="fraction of utterances for test (0: none)")
+    s.add_argument("--by", choices=["speaker", "random"], default="speaker")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_split)
 
     s = sub.add_parser("train", help="train a CTC model")
     s.add_argument("--config", required=True)
@@ -290,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, metavar="DIR",
                    help="also write a static HTML error-analysis report (index.html + audio/) here")
     s.add_argument("--report-worst", type=int, default=30, help="worst utterances listed per set in the report")
+    s.add_argument("--group-by", action="append", default=None, metavar="FIELD",
+                   help="also report WER/CER per value of a manifest field: speaker, group, or an extra key "
+                        "(engine, source, channel, gender ...); repeat or comma-separate for several")
     s.add_argument("--backend", choices=["auto", "torch", "onnx", "torchscript", "pt2"], default="auto")
     add_decode_args(s)
     s.set_defaults(func=cmd_eval)

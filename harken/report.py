@@ -5,7 +5,8 @@ JavaScript, nothing fetched from the network) and ``audio/`` with hard links to 
 audio of the worst utterances, so the folder can be zipped and opened anywhere.
 
 Contents: training curves from the run's TensorBoard event files (when there are any), WER by test
-set, WER by speaker, by ``group`` and by utterance length, the most frequent substitutions,
+set, WER by speaker, by ``group``, by any other manifest field asked for (``harken eval
+--group-by engine``: an ``extra`` key) and by utterance length, the most frequent substitutions,
 insertions and deletions (jiwer alignments), and the worst utterances with an audio player and the
 differing words highlighted.
 
@@ -439,7 +440,8 @@ def _breakdown_section(title: str, rows: list[dict], chart_title: str, by_wer: b
     return f'<h3>{_e(title)}</h3><div class="cols"><div>{chart}</div><div>{table}</div></div>'
 
 
-def _set_section(idx: int, s: SetResult, utts: list[_Utt], out_dir: Path, max_worst: int, top_n: int) -> str:
+def _set_section(idx: int, s: SetResult, utts: list[_Utt], out_dir: Path, max_worst: int, top_n: int,
+                 group_by: Sequence[str] = ()) -> str:
     p = [f'<h2 id="set-{idx}">Test set: {_e(s.name)}</h2>']
     if not utts:
         p.append('<p class="note">No utterance with a non-empty reference.</p>')
@@ -450,6 +452,14 @@ def _set_section(idx: int, s: SetResult, utts: list[_Utt], out_dir: Path, max_wo
     if any(u.rec.group for u in utts):
         p.append(_breakdown_section("WER by group", _breakdown(utts, lambda u: (0, u.rec.group or "(none)")),
                                     f"{s.name}: WER % by group", by_wer=True, column="group"))
+    for name in group_by:
+        if name in ("speaker", "group"):
+            continue  # always shown above
+        from harken.evaluate import NO_VALUE, record_field
+
+        p.append(_breakdown_section(f"WER by {name}",
+                                    _breakdown(utts, lambda u, n=name: (0, record_field(u.rec, n) or NO_VALUE)),
+                                    f"{s.name}: WER % by {name}", by_wer=True, column=name))
     p.append(_breakdown_section("WER by utterance length", _breakdown(utts, lambda u: _length_bucket(u.rec.duration)),
                                 f"{s.name}: WER % by length", by_wer=False, column="length"))
 
@@ -524,12 +534,14 @@ def _curves_section(scalars: dict[str, list[tuple[int, float]]], exp_dir) -> str
 
 
 def write_report(out_dir: str | os.PathLike, sets: list[SetResult], exp_dir: str | None = None,
-                 max_worst: int = 30, top_n: int = 25, title: str = "harken error analysis") -> Path:
+                 max_worst: int = 30, top_n: int = 25, title: str = "harken error analysis",
+                 group_by: Sequence[str] = ()) -> Path:
     """Write ``out_dir/index.html`` (+ ``out_dir/audio/``) and return the path of index.html.
 
     ``exp_dir`` is the training run's folder; its ``tensorboard`` event files give the training
     curves (omitted, with a note, when there are none). ``max_worst`` utterances per set are listed
-    with their audio.
+    with their audio. ``group_by``: manifest fields (``extra`` keys too) each set is also broken
+    down by, as a chart and a table (speaker and group are always shown).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -560,7 +572,7 @@ def write_report(out_dir: str | os.PathLike, sets: list[SetResult], exp_dir: str
     else:
         body.append('<p class="note">No test sets.</p>')
     for i, (s, u) in enumerate(zip(sets, aligned)):
-        body.append(_set_section(i, s, u, out_dir, max_worst, top_n))
+        body.append(_set_section(i, s, u, out_dir, max_worst, top_n, group_by))
 
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"

@@ -1,18 +1,28 @@
 """Corpus importers (Kaldi data dir, LibriSpeech tree, NeMo manifest, folder of audio + .txt
-sidecars) to :class:`Record` lists, and writers back to Kaldi and NeMo layouts.
+sidecars or labels in the file names, CSV/TSV tables such as Common Voice TSVs and Hugging Face
+audiofolder ``metadata.csv``) to :class:`Record` lists, and writers back to Kaldi and NeMo layouts.
 
-Transcripts are kept exactly as given (only surrounding whitespace is stripped); text
-normalisation happens later in the training pipeline. Malformed input raises
-:class:`ManifestError` (or :class:`AudioError` for audio) naming the file and the line.
+Transcripts are kept exactly as given (only surrounding whitespace is stripped) except labels
+taken from file names (underscores and dashes become spaces); text normalisation happens in
+:func:`finalize_records` (``harken prepare``) and again in the training pipeline. Malformed input
+raises :class:`ManifestError` (or :class:`AudioError` for audio) naming the file and the line.
+
+Every importer takes an optional :class:`DropLog`: with one, a bad utterance (missing, unreadable
+or empty audio, a duration that disagrees with the file, no transcript) is recorded there with
+its reason and left out, and the good ones are imported; without one, the importers keep their
+older behaviour (skip with a warning, or raise). The table importers always drop and report.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
+import re
 import shlex
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -76,6 +86,142 @@ def _positive_duration(path: str, where: str) -> float:
     if d <= 0:
         raise AudioError(f"{path}: no audio samples ({where})")
     return d
+
+
+# ------------------------------------------------------------------------------------------------
+# what an import leaves out, and why
+DROP_REASONS = ("missing file", "unreadable", "zero-length audio", "too short", "duration mismatch",
+                "no transcript", "empty transcript", "duplicate id")
+# one 25 ms analysis window: shorter audio gives no feature frame, so nothing can be recognised in it
+MIN_AUDIO_SECONDS = 0.025
+# seconds a duration column (or a segment's end) may differ from the audio actually read; a
+# relative 1% is allowed on top for long files (codec priming and padding)
+DURATION_TOLERANCE = 0.1
+
+
+@dataclass
+class Dropped:
+    """One utterance left out of an import: ``reason`` (one of :data:`DROP_REASONS`), ``where``
+    (the source file and line, or the audio path), the audio path, the id and a detail."""
+
+    reason: str
+    where: str
+    audio: str = ""
+    id: str = ""
+    detail: str = ""
+
+
+class DropLog:
+    """The utterances an import left out, with their reasons, so nothing is lost silently:
+    ``harken prepare`` prints :meth:`summary` and writes :meth:`write` beside its manifest."""
+
+    def __init__(self) -> None:
+        self.items: list[Dropped] = []
+
+    def add(self, reason: str, where: str, audio: str = "", id: str = "", detail: str = "") -> None:
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}")
+        self.items.append(Dropped(reason, where, str(audio), str(id), detail))
+        log.debug("dropped %s (%s): %s %s", id or audio, reason, where, detail)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def counts(self) -> Counter:
+        return Counter(d.reason for d in self.items)
+
+    def summary(self, kept: int) -> str:
+        """One line: how many of how many were dropped, by reason."""
+        total = kept + len(self.items)
+        by = ", ".join(f"{n} {r}" for r, n in sorted(self.counts().items(), key=lambda x: (-x[1], x[0])))
+        return f"dropped {len(self.items)} of {total} utterances ({by})"
+
+    def first(self, n: int = 5) -> list[str]:
+        """The first ``n`` drops, one short line each (name, reason, detail)."""
+        out = []
+        for d in self.items[:n]:
+            name = Path(d.audio).name if d.audio else d.id
+            out.append(f"{name or d.where}: {d.reason}" + (f" ({d.detail})" if d.detail else "")
+                       + (f" [{d.where}]" if d.where and Path(d.where).name != name else ""))
+        return out
+
+    def write(self, path: str | os.PathLike) -> None:
+        """One JSON object per dropped utterance (reason, where, audio, id, detail)."""
+        with atomic_open(path, "w", fsync=False) as f:
+            for d in self.items:
+                f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
+
+
+def _tolerance(declared: float, tolerance: float) -> float:
+    return max(tolerance, 0.01 * declared)
+
+
+class _Prober:
+    """Reads each audio file's duration once (libsndfile's frame count for WAV/FLAC/OGG, which
+    for a WAV is the data actually present whatever the header claims; a decode through ffmpeg
+    for other formats, see :func:`harken.audio.audio_duration`) and turns a problem into a
+    :class:`DropLog` entry for the utterance that needed the file."""
+
+    def __init__(self, drops: DropLog):
+        self.drops = drops
+        self.cache: dict[str, tuple[float | None, str, str]] = {}
+
+    @staticmethod
+    def _probe(audio: str) -> tuple[float | None, str, str]:
+        if not audio or "://" in audio or not os.path.isfile(audio):
+            return None, "missing file", audio or "no path given"
+        try:
+            d = audio_duration(audio)
+        except AudioError as e:
+            why = e.message.split(": ", 1)[-1] if e.message.startswith(audio) else e.message
+            return None, "zero-length audio" if e.code == "empty" else "unreadable", why
+        except OSError as e:
+            return None, "unreadable", str(e)
+        if d <= 0:
+            return None, "zero-length audio", "no audio samples"
+        if d < MIN_AUDIO_SECONDS:  # the duration is kept: a listed duration that disagrees says more
+            return d, "too short", f"{1000 * d:.1f} ms, less than one {1000 * MIN_AUDIO_SECONDS:.0f} ms frame"
+        return d, "", ""
+
+    def duration(self, audio: str, where: str, rid: str, declared: float | None = None, said: str = "",
+                 tolerance: float = DURATION_TOLERANCE) -> float | None:
+        """The file's duration in seconds, or None (recorded in the drop log) when the file is
+        unusable or differs from ``declared`` (a whole-file duration the source lists, described
+        by ``said``) by more than the tolerance."""
+        if audio not in self.cache:
+            self.cache[audio] = self._probe(audio)
+        d, reason, detail = self.cache[audio]
+        if d is None:
+            self.drops.add(reason, where, audio, rid, detail)
+            return None
+        if declared is not None and abs(d - declared) > _tolerance(declared, tolerance):
+            self.drops.add("duration mismatch", where, audio, rid, f"{said or f'listed as {declared:g} s'}, "
+                                                                  f"the file has {d:.3f} s")
+            return None
+        if reason:
+            self.drops.add(reason, where, audio, rid, detail)
+            return None
+        return d
+
+    def segment(self, audio: str, offset: float, duration: float, where: str, rid: str,
+                tolerance: float = DURATION_TOLERANCE) -> bool:
+        """True when the segment [offset, offset + duration] lies inside the file (within the
+        tolerance); otherwise the utterance is dropped as a duration mismatch."""
+        if audio not in self.cache:
+            self.cache[audio] = self._probe(audio)
+        total, reason, detail = self.cache[audio]
+        if total is None:
+            self.drops.add(reason, where, audio, rid, detail)
+            return False
+        end = offset + duration
+        if end > total + _tolerance(duration, tolerance):
+            what = f"segment {offset:g}-{end:g} s" if offset else f"duration {duration:g} s"
+            self.drops.add("duration mismatch", where, audio, rid, f"{what}, the file has {total:.3f} s")
+            return False
+        if reason:
+            self.drops.add(reason, where, audio, rid, detail)
+            return False
+        return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +306,7 @@ def _resolve(path: str, bases: list[Path]) -> str:
     return str((Path.cwd() / path).resolve())
 
 
-def _parse_wav_scp(path: Path, data_dir: Path) -> dict[str, tuple[str, int]]:
+def _parse_wav_scp(path: Path, data_dir: Path, keep_missing: bool = False) -> dict[str, tuple[str, int]]:
     bases = [Path.cwd(), data_dir, data_dir.parent, data_dir.parent.parent]
     out: dict[str, tuple[str, int]] = {}
     for key, (value, lineno) in _read_table(path).items():
@@ -176,14 +322,14 @@ def _parse_wav_scp(path: Path, data_dir: Path) -> dict[str, tuple[str, int]]:
         elif value == "-":
             raise ManifestError(f"{path}:{lineno}: stdin/stdout entries are not supported: {value!r}")
         resolved = _resolve(src, bases)
-        if not os.path.exists(resolved):
+        if not os.path.exists(resolved) and not keep_missing:
             hint = " (Kaldi archive offsets such as 'x.ark:123' are not supported)" if ".ark:" in src else ""
             raise AudioError(f"{path}:{lineno}: audio file for '{key}' not found: {src}{hint}")
         out[key] = (resolved, lineno)
     return out
 
 
-def import_kaldi(data_dir: str | os.PathLike, strict: bool = False) -> list[Record]:
+def import_kaldi(data_dir: str | os.PathLike, strict: bool = False, drops: DropLog | None = None) -> list[Record]:
     """A Kaldi data dir: ``wav.scp`` and ``text`` (required), ``segments``, ``utt2spk`` and
     ``utt2group`` (optional). With ``segments`` each segment becomes a record (offset = start,
     duration = end - start; ``end`` of -1 means the end of the recording); without, each wav.scp
@@ -191,6 +337,8 @@ def import_kaldi(data_dir: str | os.PathLike, strict: bool = False) -> list[Reco
 
     Utterances without a transcript, transcripts without audio and empty recordings are skipped
     with a warning; ``strict=True`` makes them errors instead. Malformed lines are always errors.
+    With ``drops`` every audio file is checked (present, readable, each segment inside it) and
+    each problem is recorded there instead (a missing file is then not an error either).
     """
     d = Path(data_dir)
     if not d.is_dir():
@@ -198,8 +346,9 @@ def import_kaldi(data_dir: str | os.PathLike, strict: bool = False) -> list[Reco
     for req in ("wav.scp", "text"):
         if not (d / req).is_file():
             raise ManifestError(f"{d}: missing required file '{req}'")
-    wavs = _parse_wav_scp(d / "wav.scp", d)
+    wavs = _parse_wav_scp(d / "wav.scp", d, keep_missing=drops is not None)
     texts = _read_table(d / "text", need_value=False)
+    prober = _Prober(drops) if drops is not None else None
     spk = _read_table(d / "utt2spk") if (d / "utt2spk").is_file() else {}
     grp = _read_table(d / "utt2group") if (d / "utt2group").is_file() else {}
     skipped: Counter = Counter()
@@ -225,6 +374,9 @@ def import_kaldi(data_dir: str | os.PathLike, strict: bool = False) -> list[Reco
             if start < 0 or (end != -1 and end <= start):
                 raise ManifestError(f"{where}: invalid segment times start={s} end={e}")
             if rec not in wavs:
+                if prober is not None and not strict:
+                    drops.add("missing file", where, "", utt, f"recording '{rec}' is not in wav.scp")
+                    continue
                 _problem(strict, f"{where}: recording '{rec}' is not in wav.scp", skipped,
                          "segments without recording")
                 continue
@@ -237,9 +389,25 @@ def import_kaldi(data_dir: str | os.PathLike, strict: bool = False) -> list[Reco
     records = []
     for utt, audio, offset, dur, where in utts:
         if utt not in texts:
+            if prober is not None and not strict:
+                drops.add("no transcript", where, audio, utt, f"no line in {d / 'text'}")
+                continue
             _problem(strict, f"{where}: utterance '{utt}' has no line in {d / 'text'}", skipped,
                      "without text")
             continue
+        if prober is not None:
+            if dur is not None:
+                if not prober.segment(audio, offset, dur, where, utt):
+                    continue
+            else:
+                total = prober.duration(audio, where, utt)
+                if total is None:
+                    continue
+                dur = round(total - offset, 6)
+                if dur <= 0:
+                    drops.add("duration mismatch", where, audio, utt,
+                              f"segment starts at {offset:g} s, the file has {total:.3f} s")
+                    continue
         if dur is None:
             total = audio_duration(audio)
             dur = round(total - offset, 6)
@@ -252,6 +420,10 @@ def import_kaldi(data_dir: str | os.PathLike, strict: bool = False) -> list[Reco
     listed = {u for u, *_ in utts}
     for utt, (_, lineno) in texts.items():
         if utt not in listed:
+            if prober is not None and not strict:
+                drops.add("missing file", f"{d / 'text'}:{lineno}", "", utt,
+                          f"not in {'segments' if seg_path.is_file() else 'wav.scp'}")
+                continue
             _problem(strict, f"{d / 'text'}:{lineno}: utterance '{utt}' has no audio "
                      f"(not in {'segments' if seg_path.is_file() else 'wav.scp'})", skipped, "text without audio")
     _report(f"import_kaldi({d})", skipped, len(records))
@@ -336,11 +508,12 @@ def _num(x: float) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # LibriSpeech
-def import_librispeech(root: str | os.PathLike, strict: bool = False) -> list[Record]:
+def import_librispeech(root: str | os.PathLike, strict: bool = False, drops: DropLog | None = None) -> list[Record]:
     """A LibriSpeech-style tree ``speaker/chapter/speaker-chapter.trans.txt`` (lines ``ID TEXT``)
     with ``ID.flac`` beside each transcript file. ``root`` may be the corpus root or any subset
     folder; all ``*.trans.txt`` below it are read. Speaker = the speaker part of the id. A listed
-    utterance whose flac is missing is skipped with a warning (an error with ``strict``)."""
+    utterance whose flac is missing is skipped with a warning (an error with ``strict``); with
+    ``drops``, missing, unreadable and empty files are recorded there instead."""
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"LibriSpeech folder not found: {root}")
@@ -350,6 +523,7 @@ def import_librispeech(root: str | os.PathLike, strict: bool = False) -> list[Re
     records: list[Record] = []
     seen: dict[str, str] = {}
     skipped: Counter = Counter()
+    prober = _Prober(drops) if drops is not None else None
     for tf in trans_files:
         for lineno, line in _lines(tf):
             where = f"{tf}:{lineno}"
@@ -358,6 +532,12 @@ def import_librispeech(root: str | os.PathLike, strict: bool = False) -> list[Re
                 raise ManifestError(f"{where}: duplicate id '{utt}' (also in {seen[utt]})")
             seen[utt] = where
             audio = tf.parent / f"{utt}.flac"
+            if prober is not None and not strict:
+                dur = prober.duration(str(audio.resolve()), where, utt)
+                if dur is not None:
+                    records.append(Record(id=utt, audio=str(audio.resolve()), duration=dur, text=text,
+                                          speaker=utt.split("-")[0]))
+                continue
             if not audio.is_file():
                 _problem(strict, f"{where}: audio file not found: {audio}", skipped, "missing audio")
                 continue
@@ -376,17 +556,20 @@ def import_librispeech(root: str | os.PathLike, strict: bool = False) -> list[Re
 _NEMO_KNOWN = {"audio_filepath", "duration", "text", "offset", "speaker", "lang", "id"}
 
 
-def import_nemo(manifest_path: str | os.PathLike) -> list[Record]:
+def import_nemo(manifest_path: str | os.PathLike, drops: DropLog | None = None) -> list[Record]:
     """A NeMo JSONL manifest (``audio_filepath``, ``duration``, ``text``; optional ``offset``,
     ``speaker``, ``lang`` -> group). Relative audio paths are resolved against the manifest's
     folder. A missing or null duration is read from the audio header. Ids: an ``id`` field if
     present (as written by :func:`export_nemo`), else the audio file's stem; when several entries
     share a stem the offset in milliseconds is appended (``stem-001500``), and any clash left gets a
-    counter. Other fields are kept in ``Record.extra``."""
+    counter. Other fields are kept in ``Record.extra``. With ``drops`` every audio file is read:
+    a missing, unreadable or empty file, or a segment that runs past the file's end (a declared
+    duration longer than the audio), is recorded there and the entry left out."""
     path = Path(manifest_path)
     if not path.is_file():
         raise ManifestError(f"NeMo manifest not found: {path}")
     base = path.resolve().parent
+    prober = _Prober(drops) if drops is not None else None
     rows: list[tuple[dict, str]] = []
     for lineno, line in _lines(path):
         where = f"{path}:{lineno}"
@@ -409,6 +592,22 @@ def import_nemo(manifest_path: str | os.PathLike) -> list[Record]:
             raise ManifestError(f"{where}: 'duration' and 'offset' must be numbers") from None
         if offset < 0:
             raise ManifestError(f"{where}: 'offset' must be >= 0, got {offset}")
+        if prober is not None:
+            name = str(d.get("id") or Path(audio).stem)
+            if dur is None or dur < 0:
+                total = prober.duration(audio, where, name)
+                if total is None:
+                    continue
+                dur = round(total - offset, 6)
+                if dur <= 0:
+                    drops.add("duration mismatch", where, audio, name,
+                              f"offset {offset:g} s, the file has {total:.3f} s")
+                    continue
+            elif dur == 0:
+                drops.add("zero-length audio", where, audio, name, "declared duration 0")
+                continue
+            elif not prober.segment(audio, offset, dur, where, name):
+                continue
         if dur is None or dur < 0:  # NeMo uses -1 / null for "unknown"
             dur = round(audio_duration(audio) - offset, 6)
         if dur <= 0:
@@ -474,52 +673,441 @@ def export_nemo(records: Iterable[Record], path: str | os.PathLike) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# folder with sidecars
+# labels in file names
+_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)?\}")
+
+
+@dataclass
+class LabelPattern:
+    """A compiled ``--label-pattern``: ``regex`` is matched in full against the file name (or the
+    path relative to the folder when the pattern has a ``/``), with its extension when the
+    pattern has one (``with_ext``; None for a regular expression: without, then with)."""
+
+    source: str
+    regex: re.Pattern
+    on_path: bool
+    with_ext: bool | None
+
+    def match(self, rel: str) -> dict[str, str] | None:
+        """The named fields for ``rel`` (a posix path relative to the folder), or None."""
+        base = rel if self.on_path else rel.rsplit("/", 1)[-1]
+        stem = base[: len(base) - len(Path(base).suffix)] if Path(base).suffix else base
+        targets = [stem, base] if self.with_ext is None else [base if self.with_ext else stem]
+        for t in targets:
+            m = self.regex.fullmatch(t)
+            if m:
+                return {k: v for k, v in m.groupdict().items() if v is not None}
+        return None
+
+
+def compile_label_pattern(pattern: str) -> LabelPattern:
+    """``'{speaker}_{text}_{n}.wav'`` (fields in braces; ``{}`` matches anything and is not kept)
+    or a regular expression with named groups (``(?P<speaker>[a-z]+)-(?P<text>.+)``). ``text`` is
+    required; ``speaker`` and ``group`` fill those fields and any other name goes to
+    ``Record.extra``. In a template ``{text}`` may hold the separators (``_``, ``-``) and every
+    other field stops at the character that follows it in the pattern, so
+    ``'{speaker}_{text}_{n}.wav'`` reads ``alice_turn_on_the_light_3.wav`` as speaker ``alice``,
+    text ``turn_on_the_light``, n ``3``. Literal text matches case-insensitively."""
+    if not pattern or not pattern.strip():
+        raise ManifestError("--label-pattern is empty")
+    if "(?P<" in pattern:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ManifestError(f"--label-pattern {pattern!r} is not a valid regular expression ({e})") from None
+        if "text" not in rx.groupindex:
+            raise ManifestError(f"--label-pattern {pattern!r} needs a group named text, e.g. (?P<text>.+)")
+        return LabelPattern(pattern, rx, on_path="/" in pattern, with_ext=None)
+    items = list(_FIELD_RE.finditer(pattern))
+    names = [m.group(1) for m in items]
+    if "text" not in names:
+        raise ManifestError(f"--label-pattern {pattern!r} needs a {{text}} field, e.g. '{{speaker}}_{{text}}.wav'")
+    dup = sorted({n for n in names if n and names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"--label-pattern {pattern!r}: field {{{dup[0]}}} appears twice")
+    parts, pos = [], 0
+    for k, m in enumerate(items):
+        lit = pattern[pos:m.start()]
+        if k and not lit:
+            raise ManifestError(f"--label-pattern {pattern!r}: fields {items[k - 1].group(0)} and {m.group(0)} "
+                                f"need a separator between them")
+        nxt = pattern[m.end(): items[k + 1].start() if k + 1 < len(items) else len(pattern)]
+        parts.append(re.escape(lit))
+        if m.group(1) == "text":
+            parts.append(r"(?P<text>[^/]+)")
+        else:
+            cls = "[^" + re.escape("/" + nxt[:1]) + "]+"
+            parts.append(f"(?P<{m.group(1)}>{cls})" if m.group(1) else f"(?:{cls})")
+        pos = m.end()
+    parts.append(re.escape(pattern[pos:]))
+    last = pattern[items[-1].end():].rsplit("/", 1)[-1]
+    return LabelPattern(pattern, re.compile("".join(parts), re.IGNORECASE), on_path="/" in pattern,
+                        with_ext="." in last)
+
+
+def _label_text(s: str) -> str:
+    """A label from a file name: underscores and dashes are word breaks."""
+    return " ".join(re.sub(r"[_\-]+", " ", s).split())
+
+
+# ------------------------------------------------------------------------------------------------
+# folder with sidecars, or labels in the file names
 def import_folder(root: str | os.PathLike, exts: tuple[str, ...] = AUDIO_EXTS,
-                  allow_unlabelled: bool = False) -> list[Record]:
+                  allow_unlabelled: bool = False, drops: DropLog | None = None,
+                  label_pattern: str | LabelPattern | None = None) -> list[Record]:
     """Every audio file under ``root`` (searched recursively, sorted) with a ``.txt`` sidecar of the
     same stem; text = the sidecar's content, stripped. Files without a sidecar are skipped with a
     warning, or kept with empty text when ``allow_unlabelled``. Speaker = the parent folder's name
     ("" for files directly in ``root``); id = the path relative to ``root`` without extension, with
-    ``/`` replaced by ``-``."""
+    ``/`` replaced by ``-``.
+
+    With ``label_pattern`` (see :func:`compile_label_pattern`) the labels come from the file
+    names instead of sidecars: text (underscores and dashes made spaces), speaker (default: the
+    parent folder), group and extra fields; a file whose name does not match is skipped. With
+    ``drops``, unlabelled, unreadable and empty files are recorded there instead of warned about."""
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"audio folder not found: {root}")
+    pat = compile_label_pattern(label_pattern) if isinstance(label_pattern, str) else label_pattern
     want = {e.lower() if e.startswith(".") else "." + e.lower() for e in exts}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in want
                    and not p.name.startswith("."))
+    prober = _Prober(drops) if drops is not None else None
     records: list[Record] = []
     first: dict[str, Path] = {}
     unlabelled = 0
     for p in files:
         rel = p.relative_to(root).with_suffix("")
         rid = "-".join(rel.parts)
+        audio = str(p.resolve())
         if rid in first:
+            if prober is not None:
+                drops.add("duplicate id", str(p), audio, rid, f"same name as {first[rid].name}, other extension")
+                continue
             raise ManifestError(f"{p}: id '{rid}' clashes with {first[rid]} (same name, other extension)")
         first[rid] = p
-        side = p.with_suffix(".txt")
-        if side.is_file():
-            try:
-                text = side.read_text(encoding="utf-8-sig").strip()
-            except UnicodeDecodeError as e:
-                raise ManifestError(f"{side}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        elif allow_unlabelled:
-            text = ""
-        else:
-            unlabelled += 1
-            if unlabelled <= 5:
-                log.warning("%s: no transcript sidecar %s (skipped)", p, side.name)
-            continue
-        dur = audio_duration(p)
-        if dur <= 0:
-            log.warning("%s: no audio samples (skipped)", p)
-            continue
         speaker = p.parent.name if p.parent != root else ""
-        records.append(Record(id=rid, audio=str(p.resolve()), duration=dur, text=text, speaker=speaker))
+        group, extra = "", {}
+        if pat is not None:
+            fields = pat.match(p.relative_to(root).as_posix())
+            if fields is None:
+                if prober is not None:
+                    drops.add("no transcript", str(p), audio, rid,
+                              f"name does not match --label-pattern {pat.source!r}")
+                    continue
+                unlabelled += 1
+                if unlabelled <= 5:
+                    log.warning("%s: name does not match the label pattern %r (skipped)", p, pat.source)
+                continue
+            text = _label_text(fields.pop("text", ""))
+            speaker = fields.pop("speaker", "") or speaker
+            group = fields.pop("group", "")
+            extra = fields
+        else:
+            side = p.with_suffix(".txt")
+            if side.is_file():
+                try:
+                    text = side.read_text(encoding="utf-8-sig").strip()
+                except UnicodeDecodeError as e:
+                    raise ManifestError(f"{side}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            elif allow_unlabelled:
+                text = ""
+            elif prober is not None:
+                drops.add("no transcript", str(p), audio, rid, f"no sidecar {side.name}")
+                continue
+            else:
+                unlabelled += 1
+                if unlabelled <= 5:
+                    log.warning("%s: no transcript sidecar %s (skipped)", p, side.name)
+                continue
+        if prober is not None:
+            dur = prober.duration(audio, str(p), rid)
+            if dur is None:
+                continue
+        else:
+            dur = audio_duration(p)
+            if dur <= 0:
+                log.warning("%s: no audio samples (skipped)", p)
+                continue
+        records.append(Record(id=rid, audio=audio, duration=dur, text=text, speaker=speaker, group=group,
+                              extra=extra))
     if unlabelled:
-        log.warning("import_folder(%s): %d audio files without a .txt sidecar skipped "
-                    "(allow_unlabelled=True keeps them with empty text)", root, unlabelled)
+        how = ("did not match the label pattern" if pat is not None else
+               "without a .txt sidecar skipped (allow_unlabelled=True keeps them with empty text)")
+        log.warning("import_folder(%s): %d audio files %s", root, unlabelled, how)
     return records
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV / TSV tables: Common Voice, Hugging Face audiofolder, anything with a path and a text column
+PATH_COLUMNS = ("path", "file_name", "filename", "file", "audio", "audio_path", "audio_filepath", "filepath",
+                "wav", "wav_path", "clip")
+TEXT_COLUMNS = ("transcription", "text", "sentence", "transcript", "normalized_text", "label")
+SPEAKER_COLUMNS = ("speaker", "speaker_id", "client_id", "spk", "spk_id", "speaker_name")
+GROUP_COLUMNS = ("group",)
+DURATION_COLUMNS = ("duration", "duration_s", "duration_sec", "duration_seconds", "seconds", "duration_ms",
+                    "duration[ms]")
+ID_COLUMNS = ("id", "utt_id", "utterance_id")
+
+
+def _table_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    """The header and ``(line number, row dict)`` of a CSV, TSV (``.tsv``/``.tab``, or a first
+    line with tabs and no commas; read without quote handling, as Common Voice writes them) or
+    JSON-lines table."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline()
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not first.strip():
+        raise ManifestError(f"{path}: empty file (a CSV/TSV needs a header line naming its columns)")
+    if path.suffix.lower() == ".jsonl":
+        def jrows():
+            for lineno, line in _lines(path):
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(d, dict):
+                    raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(d).__name__}")
+                yield lineno, {str(k): "" if v is None else str(v) for k, v in d.items()}
+        rows = list(jrows())
+        header = list(dict.fromkeys(k for _, d in rows for k in d))
+        return header, iter(rows)
+    if path.suffix.lower() in (".tsv", ".tab") or ("\t" in first and "," not in first):
+        delim, quoting = "\t", csv.QUOTE_NONE
+    elif ";" in first and "," not in first:
+        delim, quoting = ";", csv.QUOTE_MINIMAL
+    else:
+        delim, quoting = ",", csv.QUOTE_MINIMAL
+    header = [h.strip() for h in next(csv.reader([first], delimiter=delim, quoting=quoting))]
+
+    def rows_():
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                r = csv.reader(f, delimiter=delim, quoting=quoting)
+                next(r, None)
+                for cells in r:
+                    if not any(c.strip() for c in cells):
+                        continue
+                    yield r.line_num, {h: (cells[k] if k < len(cells) else "") for k, h in enumerate(header)}
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except csv.Error as e:
+            raise ManifestError(f"{path}: not a readable CSV/TSV ({e})") from None
+    return header, rows_()
+
+
+def _column(header: list[str], given: str | None, candidates: Iterable[str], what: str, path: Path,
+            option: str, required: bool) -> str | None:
+    """The header name to use for ``what``: ``given`` (must exist), else the first candidate
+    present (case-insensitive)."""
+    by_lc = {h.lower(): h for h in header}
+    if given:
+        if given in header:
+            return given
+        if given.lower() in by_lc:
+            return by_lc[given.lower()]
+        raise ManifestError(f"{path}: no column '{given}' ({option}); the columns are: {', '.join(header)}")
+    for c in candidates:
+        if c in by_lc:
+            return by_lc[c]
+    if required:
+        raise ManifestError(f"{path}: no {what} column found (looked for {', '.join(candidates)}); the columns "
+                            f"are: {', '.join(header)}; name it with {option}")
+    return None
+
+
+def _id_from_path(cell: str) -> str:
+    parts = [p for p in Path(cell).with_suffix("").parts if p not in ("/", "..", ".", "")]
+    return "-".join(parts) or cell
+
+
+def import_table(path: str | os.PathLike, path_col: str | None = None, text_col: str | None = None,
+                 speaker_col: str | None = None, group_col: str | None = None, duration_col: str | None = None,
+                 audio_root: str | os.PathLike | None = None, drops: DropLog | None = None,
+                 tolerance: float = DURATION_TOLERANCE, durations: dict[str, float] | None = None,
+                 text_columns: tuple[str, ...] = TEXT_COLUMNS) -> list[Record]:
+    """A CSV/TSV (or JSON-lines) table with a header: one row per utterance with an audio path and
+    its transcript. Columns are found by name (case-insensitive) unless given: path
+    (:data:`PATH_COLUMNS`), text (``text_columns``), speaker (:data:`SPEAKER_COLUMNS`, e.g. Common
+    Voice's ``client_id``), group, a duration in seconds (``duration_ms``: milliseconds) and an
+    id; every other non-empty cell is kept in ``Record.extra`` (so ``harken eval --group-by``
+    can use it, e.g. Common Voice's ``gender`` or ``accents``).
+
+    Relative paths are resolved against ``audio_root``, else the table's folder, else a
+    ``clips/`` folder beside it (the Common Voice layout). Every file is read: a missing,
+    unreadable or empty file, an empty transcript, a repeated id, or a duration (from the column
+    or ``durations``, keyed by the path cell) that differs from the audio read by more than
+    ``tolerance`` seconds (or 1%) is recorded in ``drops`` and left out (logged when ``drops`` is
+    None); the duration kept is the one read. Ids: the id column, else the path cell without
+    extension (``/`` -> ``-``)."""
+    path = Path(path)
+    if path.is_dir():
+        tables = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv"))
+        raise ManifestError(f"{path} is a folder: give the CSV/TSV file itself"
+                            + (f" (found {', '.join(tables[:6])})" if tables else ""))
+    if not path.is_file():
+        raise ManifestError(f"table not found: {path}")
+    own = drops is None
+    drops = DropLog() if own else drops
+    header, rows = _table_rows(path)
+    pcol = _column(header, path_col, PATH_COLUMNS, "audio path", path, "--path-col", True)
+    tcol = _column(header, text_col, text_columns, "transcript", path, "--text-col", True)
+    scol = _column(header, speaker_col, SPEAKER_COLUMNS, "speaker", path, "--speaker-col", False)
+    gcol = _column(header, group_col, GROUP_COLUMNS, "group", path, "--group-col", False)
+    dcol = _column(header, duration_col, DURATION_COLUMNS, "duration", path, "--duration-col", False)
+    icol = _column(header, None, ID_COLUMNS, "id", path, "", False)
+    if pcol == tcol:
+        raise ManifestError(f"{path}: the audio path and the transcript are both column '{pcol}'")
+    log.info("%s: audio path from column '%s', text from '%s'%s%s%s", path.name, pcol, tcol,
+             f", speaker from '{scol}'" if scol else "", f", group from '{gcol}'" if gcol else "",
+             f", duration from '{dcol}'" if dcol else "")
+    scale = 0.001 if dcol and (dcol.lower().endswith(("_ms", "[ms]", "(ms)")) or dcol.lower() == "ms") else 1.0
+    used = {c for c in (pcol, tcol, scol, gcol, dcol, icol) if c}
+    table_dir = path.resolve().parent
+    bases = [Path(audio_root).resolve()] if audio_root else [table_dir, table_dir / "clips"]
+    prober = _Prober(drops)
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
+        cell = (row.get(pcol) or "").strip()
+        rid = (row.get(icol) or "").strip() if icol else ""
+        rid = rid or _id_from_path(cell)
+        if not cell:
+            drops.add("missing file", where, "", rid, f"empty '{pcol}' cell")
+            continue
+        if os.path.isabs(cell):
+            audio = cell
+        else:
+            hit = next((b / cell for b in bases if (b / cell).exists()), None)
+            audio = str((hit if hit is not None else bases[0] / cell).resolve())
+        if rid in seen:
+            drops.add("duplicate id", where, audio, rid, f"id '{rid}' also at {seen[rid]}")
+            continue
+        seen[rid] = where
+        text = (row.get(tcol) or "").strip()
+        if not text:
+            drops.add("empty transcript", where, audio, rid, f"empty '{tcol}' cell")
+            continue
+        declared, said = None, ""
+        if dcol and (row.get(dcol) or "").strip():
+            raw = row[dcol].strip()
+            try:
+                declared, said = float(raw) * scale, f"column '{dcol}' says {raw}"
+            except ValueError:
+                drops.add("duration mismatch", where, audio, rid, f"column '{dcol}' is not a number: {raw!r}")
+                continue
+        elif durations is not None and cell in durations:
+            declared = durations[cell]
+            said = f"listed as {declared:g} s"
+        dur = prober.duration(audio, where, rid, declared, said, tolerance)
+        if dur is None:
+            continue
+        extra = {k: v.strip() for k, v in row.items() if k not in used and v and v.strip()}
+        records.append(Record(id=rid, audio=audio, duration=dur, text=text,
+                              speaker=(row.get(scol) or "").strip() if scol else "",
+                              group=(row.get(gcol) or "").strip() if gcol else "", extra=extra))
+    if own and drops.items:
+        log.warning("import_table(%s): %s; first: %s", path, drops.summary(len(records)), "; ".join(drops.first(5)))
+    return records
+
+
+def import_commonvoice(tsv: str | os.PathLike, drops: DropLog | None = None,
+                       audio_root: str | os.PathLike | None = None, tolerance: float = DURATION_TOLERANCE,
+                       **columns) -> list[Record]:
+    """One Common Voice TSV (``train.tsv``, ``dev.tsv``, ``test.tsv``, ``validated.tsv`` ...):
+    columns ``path`` (a clip in the ``clips/`` folder beside the TSV, unless ``audio_root``),
+    ``sentence`` and ``client_id`` (the speaker); ``age``, ``gender``, ``accents``, ``locale`` ...
+    go to ``Record.extra``. When ``clip_durations.tsv`` (``clip``, ``duration[ms]``) sits beside
+    the TSV, every clip's duration is checked against it. See :func:`import_table`."""
+    tsv = Path(tsv)
+    if tsv.is_dir():
+        tables = sorted(p.name for p in tsv.glob("*.tsv") if p.name != "clip_durations.tsv")
+        raise ManifestError(f"{tsv} is a folder: give one of its TSV files"
+                            + (f" ({', '.join(tables[:8])})" if tables else " (none found)"))
+    durations = None
+    cd = tsv.parent / "clip_durations.tsv"
+    if cd.is_file() and tsv.name != cd.name:
+        header, rows = _table_rows(cd)
+        ccol = _column(header, None, ("clip", "path"), "clip", cd, "", True)
+        mcol = _column(header, None, ("duration[ms]", "duration_ms", "duration"), "duration", cd, "", True)
+        durations = {}
+        for lineno, row in rows:
+            try:
+                durations[row[ccol].strip()] = float(row[mcol]) / 1000.0
+            except (TypeError, ValueError):
+                raise ManifestError(f"{cd}:{lineno}: duration must be a number of milliseconds, "
+                                    f"got {row.get(mcol)!r}") from None
+    defaults = dict(path_col="path", text_col="sentence", speaker_col="client_id")
+    columns = {**defaults, **{k: v for k, v in columns.items() if v}}
+    return import_table(tsv, audio_root=audio_root or tsv.resolve().parent / "clips", drops=drops,
+                        tolerance=tolerance, durations=durations, **columns)
+
+
+def import_audiofolder(source: str | os.PathLike, drops: DropLog | None = None, tolerance: float = DURATION_TOLERANCE,
+                       **columns) -> list[Record]:
+    """A Hugging Face ``audiofolder`` dataset: ``metadata.csv`` (or ``metadata.jsonl``) with a
+    ``file_name`` column relative to the metadata file's folder and the transcript in
+    ``transcription``, ``text`` or ``sentence`` (first found). ``source``: the folder or the
+    metadata file. See :func:`import_table`."""
+    src = Path(source)
+    if src.is_dir():
+        found = [src / n for n in ("metadata.csv", "metadata.jsonl") if (src / n).is_file()]
+        if not found:
+            subs = sorted(p.parent.name for p in src.glob("*/metadata.*"))
+            raise ManifestError(f"{src}: no metadata.csv or metadata.jsonl"
+                                + (f"; prepare each split folder on its own ({', '.join(subs)})" if subs else ""))
+        src = found[0]
+    if not src.is_file():
+        raise ManifestError(f"audiofolder metadata not found: {src}")
+    columns = {"path_col": "file_name", **{k: v for k, v in columns.items() if v}}
+    return import_table(src, audio_root=src.resolve().parent, drops=drops, tolerance=tolerance,
+                        text_columns=("transcription", "text", "sentence"), **columns)
+
+
+# ------------------------------------------------------------------------------------------------
+# the last step of `harken prepare`
+def finalize_records(records: Iterable[Record], drops: DropLog) -> list[Record]:
+    """Normalise every transcript with :func:`harken.text.normalize.normalize_text` (the form the
+    tokenizer and the WER see: lowercase a-z, apostrophes inside words, numbers spelled out,
+    punctuation dropped), keeping the original in ``extra["raw_text"]`` when it differs; a
+    transcript with nothing left, or a repeated id, goes to ``drops``."""
+    from harken.text.normalize import normalize_text
+
+    out: list[Record] = []
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            drops.add("duplicate id", r.audio, r.audio, r.id, "id already used")
+            continue
+        raw = r.text
+        norm = normalize_text(raw)
+        if not norm:
+            drops.add("empty transcript", r.audio, r.audio, r.id,
+                      f"nothing of {raw.strip()!r} is left after normalisation to a-z and apostrophes"
+                      if raw.strip() else "no text")
+            continue
+        seen.add(r.id)
+        if norm != raw:
+            r = Record(**{**asdict(r), "text": norm, "extra": {**(r.extra or {}), "raw_text": raw}})
+        out.append(r)
+    return out
+
+
+def sample_rates(records: Iterable[Record]) -> Counter:
+    """How many distinct audio files there are at each sample rate (from the file headers; files
+    soundfile cannot open are counted under 0)."""
+    import soundfile as sf
+
+    rates: Counter = Counter()
+    for audio in sorted({r.audio for r in records}):
+        try:
+            rates[int(sf.info(audio).samplerate)] += 1
+        except Exception:  # noqa: BLE001 - e.g. MP3 on an old libsndfile: decoded through ffmpeg
+            rates[0] += 1
+    return rates
 
 
 IMPORTERS: dict[str, Callable[..., list[Record]]] = {
@@ -527,4 +1115,7 @@ IMPORTERS: dict[str, Callable[..., list[Record]]] = {
     "librispeech": import_librispeech,
     "nemo": import_nemo,
     "folder": import_folder,
+    "csv": import_table,
+    "commonvoice": import_commonvoice,
+    "audiofolder": import_audiofolder,
 }
