@@ -13,6 +13,11 @@ The sampler sees only durations (and optional per-utterance weights). For each e
    every rank gets the same number of batches (no rank waits at a collective that others never
    reach) and the batches of one step cost about the same on every rank.
 
+Curriculum (``curriculum_epochs=N``): in the first N epochs step 3 keeps the groups in length order
+instead of shuffling them, so training sees short utterances first and long ones last (still
+bucketed and shuffled inside each bucket); from epoch N on, epochs are shuffled as above. The plan
+depends only on (seed, epoch), so a curriculum epoch is as deterministic and resumable as any other.
+
 ``state_dict()`` records the epoch and how many batches this rank has consumed, so a resumed run
 continues from the next batch of the same epoch with the same order.
 """
@@ -41,6 +46,7 @@ class BucketSampler:
         max_batch_size: int | None = None,
         drop_last: bool = False,
         group_size: int | None = None,
+        curriculum_epochs: int = 0,
     ):
         if max_duration <= 0:
             raise ValueError(f"max_duration must be > 0 seconds, got {max_duration}")
@@ -59,6 +65,7 @@ class BucketSampler:
         if self.group_size % self.world_size:
             raise ValueError(f"group_size {self.group_size} is not a multiple of world_size {world_size}")
         self.drop_last = drop_last
+        self.curriculum_epochs = max(0, int(curriculum_epochs))
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         if self.weights is not None and len(self.weights) != len(self.durations):
             raise ValueError("weights and durations differ in length")
@@ -73,6 +80,7 @@ class BucketSampler:
         self.epoch = 0
         self._consumed = 0  # batches of the current epoch this rank has yielded
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._epoch_items = 0  # utterances in the current epoch's batches, all ranks
 
     # -- epoch plan ---------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -120,9 +128,13 @@ class BucketSampler:
         # rank that drew a long bucket. A tail that cannot fill a group is left for this epoch.
         g = self.group_size
         groups = [batches[i : i + g] for i in range(0, len(batches) - g + 1, g)]
-        if self.shuffle:
+        if self.shuffle and not self.in_curriculum():
             groups = [groups[i] for i in rng.permutation(len(groups))]
         return [b for grp in groups for b in grp]
+
+    def in_curriculum(self, epoch: int | None = None) -> bool:
+        """Whether ``epoch`` (default: the current one) is ordered short to long."""
+        return (self.epoch if epoch is None else epoch) < self.curriculum_epochs
 
     def _rank_batches(self) -> list[list[int]]:
         if self._cache is None or self._cache[0] != self.epoch:
@@ -134,7 +146,14 @@ class BucketSampler:
                     "lower max_duration or add data"
                 )
             self._cache = (self.epoch, allb[self.rank : n : self.world_size])
+            self._epoch_items = sum(len(b) for b in allb[:n])
         return self._cache[1]
+
+    def epoch_items(self) -> int:
+        """Utterances in the current epoch's batches, over all ranks (the base of the trainer's
+        unreadable-file limit)."""
+        self._rank_batches()
+        return self._epoch_items
 
     def __len__(self) -> int:
         return len(self._rank_batches())
@@ -152,7 +171,8 @@ class BucketSampler:
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self._consumed, "seed": self.seed,
-                "world_size": self.world_size, "num_utts": int(len(self.durations))}
+                "world_size": self.world_size, "num_utts": int(len(self.durations)),
+                "curriculum_epochs": self.curriculum_epochs}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``. With another world size the *global* position is kept: W_old
