@@ -17,8 +17,10 @@ and the exporters read only this):
   (input units per output frame, input frames an output frame needs after its own, output lengths).
 
 :class:`AttentionEncoder` is the shared body of the conformer and transformer encoders: the conv
-subsampling front-end, positional encodings, padding and chunk masks, activation checkpointing
-and WeNet-style chunk streaming (:meth:`AttentionEncoder.forward_chunk`).
+subsampling front-end, positional encodings, padding and chunk masks, activation checkpointing,
+WeNet-style chunk streaming (:meth:`AttentionEncoder.forward_chunk`), half-rate middle layers
+(``time_reduce_layers``) and the intermediate outputs of intermediate CTC
+(:meth:`AttentionEncoder.forward_intermediate`, training only).
 """
 
 from __future__ import annotations
@@ -78,6 +80,78 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
+class _DepthwiseConv1dFn(torch.autograd.Function):
+    """Depthwise conv1d (no padding) with a hand-written backward: oneDNN's
+    depthwise-conv backward on CPU is ~40x slower than its forward; here both
+    gradients are themselves cheap grouped convolutions."""
+
+    @staticmethod
+    def forward(ctx, xp, w, b):  # xp (B,D,T+K-1), w (D,1,K), b (D,)
+        ctx.save_for_backward(xp, w)
+        return F.conv1d(xp, w, b, groups=w.size(0))
+
+    @staticmethod
+    def backward(ctx, g):
+        xp, w = ctx.saved_tensors
+        bsz, d, tp = xp.shape
+        k = w.size(-1)
+        t = tp - k + 1
+        g = g.contiguous()
+        gi = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gi = F.conv1d(g, w.flip(-1), padding=k - 1, groups=d)
+        if ctx.needs_input_grad[1]:
+            gw = F.conv1d(xp.reshape(1, bsz * d, tp), g.reshape(bsz * d, 1, t), groups=bsz * d)
+            gw = gw.view(bsz, d, k).sum(0).unsqueeze(1)
+        if ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2))
+        return gi, gw, gb
+
+
+def depthwise_conv1d(xp: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv`` (groups == channels, padding 0) applied to pre-padded xp.
+    The custom-backward path is used only when training on CPU, so eval-mode
+    export (torch.export / ONNX) sees a plain ``conv1d``."""
+    if conv.training and torch.is_grad_enabled() and xp.device.type == "cpu":
+        return _DepthwiseConv1dFn.apply(xp.contiguous(), conv.weight, conv.bias)
+    return conv(xp)
+
+
+def upsample2(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """(B,Th,D) at half rate -> (B,t,D): every frame repeated twice, cut to ``t`` frames."""
+    return x.unsqueeze(2).expand(-1, -1, 2, -1).flatten(1, 2)[:, :t]
+
+
+class TimeReduce(nn.Module):
+    """Halve the frame rate (Squeezeformer-style): a depthwise conv of kernel 3 and stride 2
+    (centred: half-rate frame j sees frames 2j-1..2j+1) and a pointwise linear.  T frames give
+    ceil(T/2); padded frames are zeroed first, so a padded batch gives what each item gives alone.
+    The stride-1 depthwise conv (fast CPU backward) is taken every other frame: the depthwise conv
+    costs 3 multiply-adds per channel and frame, so doing it at both phases is negligible."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.dw = nn.Conv1d(d_model, d_model, 3, groups=d_model, padding=0)
+        self.pw = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # x (B,T,D), valid (B,T,1)
+        x = x.masked_fill(~valid, 0.0)
+        x = depthwise_conv1d(F.pad(x.transpose(1, 2), (1, 1)), self.dw)[:, :, ::2]  # (B,D,ceil(T/2))
+        return self.pw(x.transpose(1, 2))
+
+
+class TimeRecover(nn.Module):
+    """Back to the full frame rate after the half-rate layers (Squeezeformer-style): each frame
+    repeated twice, a linear projection, plus the full-rate input of the half-rate layers."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # x (B,Th,D), skip (B,T,D)
+        return skip + self.proj(upsample2(x, skip.size(1)))
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -118,6 +192,13 @@ class AttentionEncoder(Encoder):
         self.pos_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList()
         self.after_norm: nn.Module = nn.Identity()
+        # time_reduce_layers [start, end): those layers run at half the frame rate (only built when
+        # set, so the parameters of every other model are as before)
+        self.time_reduce: TimeReduce | None = None
+        self.time_recover: TimeRecover | None = None
+        if cfg.time_reduce_layers:
+            self.time_reduce = TimeReduce(cfg.d_model)
+            self.time_recover = TimeRecover(cfg.d_model)
 
     @property
     def subsampling_factor(self) -> int:
@@ -152,6 +233,37 @@ class AttentionEncoder(Encoder):
                 left_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``chunk_size``/``left_chunks``: override the chunk mask (0 = full context); by default
         :meth:`draw_chunk` decides."""
+        h, lens, _ = self._encode(feats, feat_lens, chunk_size, left_chunks, ())
+        return h, lens
+
+    def forward_intermediate(self, feats: torch.Tensor, feat_lens: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """:meth:`forward` plus the outputs of the ``cfg.interctc_layers`` (1-based, in that order),
+        each through ``after_norm`` and at the output frame rate (B,T',d_model), for intermediate
+        CTC in training.  Inference calls :meth:`forward`, which computes none of them."""
+        return self._encode(feats, feat_lens, None, None, tuple(self.cfg.interctc_layers))
+
+    def _context(self, x: torch.Tensor, lens: torch.Tensor, chunk_size: int, left_chunks: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(att_mask, valid (B,T,1), pos_emb) for the layers over x (B,T,D) with ``lens`` valid
+        frames: key padding (and the chunk mask), and the relative-position embedding."""
+        t = x.size(1)
+        valid = torch.arange(t, device=x.device)[None, :] < lens[:, None]  # (B,T')
+        keys = valid[:, None, None, :]  # (B,1,1,T') key padding; (B,1,T',T') with a chunk mask
+        if chunk_size > 0:
+            keys = keys & chunk_attention_mask(t, chunk_size, left_chunks, x.device)[None, None]
+        if self.cfg.pos_enc == "rel":
+            pos_emb = self.pos_dropout(rel_pos_emb(t, self.d_model, x.device).to(x.dtype))
+            att_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill(~keys, NEG_INF)
+        else:
+            pos_emb = None
+            att_mask = keys
+        return att_mask, valid[:, :, None], pos_emb
+
+    def _encode(self, feats: torch.Tensor, feat_lens: torch.Tensor, chunk_size: int | None,
+                left_chunks: int | None, collect: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The body of :meth:`forward`; ``collect``: 1-based layers whose outputs are also returned."""
         x, lens = self.subsampling(feats, feat_lens)
         t = x.size(1)
         if chunk_size is None:
@@ -159,32 +271,45 @@ class AttentionEncoder(Encoder):
             left_chunks = drawn_left if left_chunks is None else left_chunks
         elif left_chunks is None:
             left_chunks = self.cfg.left_chunks
-        valid = torch.arange(t, device=x.device)[None, :] < lens[:, None]  # (B,T')
-        keys = valid[:, None, None, :]  # (B,1,1,T') key padding; (B,1,T',T') with a chunk mask
-        if chunk_size > 0:
-            keys = keys & chunk_attention_mask(t, chunk_size, left_chunks, x.device)[None, None]
+        if self.time_reduce is not None and chunk_size > 0:
+            raise ValueError("time_reduce_layers does not support chunked attention (streaming)")
         x = x * self.xscale
-        if self.cfg.pos_enc == "rel":
-            pos_emb = self.pos_dropout(rel_pos_emb(t, self.d_model, x.device).to(x.dtype))
-            att_mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill(~keys, NEG_INF)
-        else:
+        ctx = full = self._context(x, lens, chunk_size, left_chunks)
+        if self.cfg.pos_enc != "rel":
             x = x + abs_pos_emb(t, self.d_model, x.device).to(x.dtype)
-            pos_emb = None
-            att_mask = keys
         x = self.pos_dropout(x)
-        valid3 = valid[:, :, None]
+        start, end = self.cfg.time_reduce_layers if self.time_reduce is not None else (-1, -1)
+        skip = x
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        inter: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if i == start:  # to half the frame rate; padded frames are zeroed first
+                skip = x
+                x = self.time_reduce(x, full[1])
+                ctx = self._context(x, torch.div(lens + 1, 2, rounding_mode="floor"), 0, -1)
+            elif i == end:
+                x = self.time_recover(x, skip)
+                ctx = full
             if ckpt:
-                x = checkpoint(layer, x, att_mask, valid3, pos_emb, use_reentrant=False)
+                x = checkpoint(layer, x, *ctx, use_reentrant=False)
             else:
-                x = layer(x, att_mask, valid3, pos_emb)
-        return self.after_norm(x), lens
+                x = layer(x, *ctx)
+            if i + 1 in collect:
+                inter.append(self.after_norm(upsample2(x, t) if start <= i < end else x))
+        if end == len(self.layers):
+            x = self.time_recover(x, skip)
+        return self.after_norm(x), lens, inter
 
     # ------------------------------------------------------------------------------ streaming
+    def _check_streams(self) -> None:
+        if self.time_reduce is not None:
+            raise ValueError("this model cannot stream: its encoder has time_reduce_layers "
+                             f"{list(self.cfg.time_reduce_layers)} (half-rate layers need full context)")
+
     def init_cache(self, batch: int = 1, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty caches for :meth:`forward_chunk`: attention (N,B,H,0,2*dk) and convolution
         (N,B,D,K-1) (zeros; (N,B,D,0) for encoders without convolutions)."""
+        self._check_streams()
         n = len(self.layers)
         att = self.layers[0].att if n else None
         h, dk = (att.h, att.dk) if att is not None else (1, 1)
@@ -204,7 +329,8 @@ class AttentionEncoder(Encoder):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One streaming step (eval mode), WeNet's contract.
 
-        chunk_feats (B, ``subsampling.input_frames(C)``, F) normalised features (4C+3 for conv2d4):
+        chunk_feats (B, ``subsampling.input_frames(C)``, F) normalised features (4C+3 for conv2d4 and
+        dwconv4, 8C+7 for dwconv8):
         the chunk's input frames plus the subsampling's right context (the last chunk may be
         shorter, at least ``right_context + 1`` frames); consecutive chunks advance by
         ``subsampling_factor * C`` frames and so overlap by ``right_context + 1 - factor``.
@@ -216,6 +342,7 @@ class AttentionEncoder(Encoder):
 
         Returns (out (B,C,D), new_att_cache (N,B,H,R',2*dk), new_cnn_cache (N,B,D,K-1)).  Equal to
         rows [offset, offset+C) of the full forward under the chunk mask that matches."""
+        self._check_streams()
         x = self.subsampling.project(chunk_feats) * self.xscale
         c = x.size(1)
         r = att_cache.size(3)

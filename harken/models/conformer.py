@@ -7,45 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harken.models.attention import MultiHeadSelfAttention
-from harken.models.base import AttentionEncoder, FeedForward, chunk_attention_mask  # noqa: F401 (re-exported)
+from harken.models.base import (  # noqa: F401 (chunk_attention_mask, _DepthwiseConv1dFn: re-exported)
+    AttentionEncoder,
+    FeedForward,
+    _DepthwiseConv1dFn,
+    chunk_attention_mask,
+    depthwise_conv1d,
+)
 from harken.models.registry import EncoderConfig, register_encoder
-
-
-class _DepthwiseConv1dFn(torch.autograd.Function):
-    """Depthwise conv1d (no padding) with a hand-written backward: oneDNN's
-    depthwise-conv backward on CPU is ~40x slower than its forward; here both
-    gradients are themselves cheap grouped convolutions."""
-
-    @staticmethod
-    def forward(ctx, xp, w, b):  # xp (B,D,T+K-1), w (D,1,K), b (D,)
-        ctx.save_for_backward(xp, w)
-        return F.conv1d(xp, w, b, groups=w.size(0))
-
-    @staticmethod
-    def backward(ctx, g):
-        xp, w = ctx.saved_tensors
-        bsz, d, tp = xp.shape
-        k = w.size(-1)
-        t = tp - k + 1
-        g = g.contiguous()
-        gi = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gi = F.conv1d(g, w.flip(-1), padding=k - 1, groups=d)
-        if ctx.needs_input_grad[1]:
-            gw = F.conv1d(xp.reshape(1, bsz * d, tp), g.reshape(bsz * d, 1, t), groups=bsz * d)
-            gw = gw.view(bsz, d, k).sum(0).unsqueeze(1)
-        if ctx.needs_input_grad[2]:
-            gb = g.sum((0, 2))
-        return gi, gw, gb
-
-
-def depthwise_conv1d(xp: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv`` (groups == channels, padding 0) applied to pre-padded xp.
-    The custom-backward path is used only when training on CPU, so eval-mode
-    export (torch.export / ONNX) sees a plain ``conv1d``."""
-    if conv.training and torch.is_grad_enabled() and xp.device.type == "cpu":
-        return _DepthwiseConv1dFn.apply(xp.contiguous(), conv.weight, conv.bias)
-    return conv(xp)
 
 
 class ConvModule(nn.Module):

@@ -63,14 +63,27 @@ class CtcModel(nn.Module):
         logits = self.output(h)
         return torch.log_softmax(logits.float(), dim=-1), lens
 
-    def forward(self, x: torch.Tensor, x_lens: torch.Tensor,
-                precomputed_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, x_lens: torch.Tensor, precomputed_features: bool = False,
+                intermediate: bool = False):
         """``precomputed_features``: x is cached fbank features; the frontend applies only CMVN and
-        SpecAugment (going through ``forward`` keeps DDP's gradient hooks in play)."""
+        SpecAugment (going through ``forward`` keeps DDP's gradient hooks in play).
+
+        ``intermediate`` (training with intermediate CTC): also return the log-probs of the
+        encoder's ``interctc_layers`` through the same head, ``(log_probs, out_lens, [log_probs_k,
+        ...])`` (same shape and lengths as ``log_probs``).  The default (inference, export) computes
+        none of them."""
         if self.frontend is not None:
             x, x_lens = (self.frontend(x, x_lens, precomputed=True) if precomputed_features
                          else self.frontend(x, x_lens))
-        return self.encode_features(x, x_lens)
+        if not intermediate:
+            return self.encode_features(x, x_lens)
+        if not hasattr(self.encoder, "forward_intermediate"):
+            raise ValueError(f"encoder {type(self.encoder).__name__} has no intermediate outputs (interctc_layers)")
+        h, lens, inter = self.encoder.forward_intermediate(x, x_lens)
+        return self._log_probs(h), lens, [self._log_probs(hk) for hk in inter]
+
+    def _log_probs(self, h: Tensor) -> Tensor:
+        return torch.log_softmax(self.output(h).float(), dim=-1)
 
     def config(self) -> dict[str, Any]:
         """Everything needed (besides the frontend) to rebuild the module."""

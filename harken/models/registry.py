@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -23,9 +23,17 @@ import torch.nn as nn
 class EncoderConfig:
     """Hyper-parameters shared by all encoders.
 
-    ``subsampling="conv2d4"``: two stride-2 3x3 convolutions without padding (its factor, right
-    context and output lengths: :mod:`harken.models.subsampling`).  ``subsampling_channels=0``
-    means ``d_model`` channels; fewer channels make the front-end cheaper.
+    ``subsampling="conv2d4"``: two stride-2 3x3 convolutions without padding; ``"dwconv4"`` /
+    ``"dwconv8"``: a cheaper depthwise-separable stem (NeMo FastConformer style) with 4x / 8x
+    time reduction (factors, right contexts and output lengths: :mod:`harken.models.subsampling`).
+    ``subsampling_channels=0`` means ``d_model`` channels; fewer channels make the front-end cheaper.
+
+    ``time_reduce_layers=[start, end]``: the layers ``start..end-1`` (0-based, as a Python slice)
+    run at half the stem's frame rate (Squeezeformer-style: a strided depthwise conv before them,
+    repeat-interleave + linear + a residual from before the reduction after them); the output stays
+    at the stem's rate.  Not for streaming models.  ``interctc_layers``: 1-based layers whose outputs
+    also feed the CTC head in training (intermediate CTC, weighted by ``model.interctc_weight``);
+    inference never computes them.  Both default to empty: the encoder is as before.
 
     The last five fields configure ``type="wav2vec2"`` (a pretrained Hugging Face encoder fed the
     raw waveform); the defaults leave every other encoder unchanged.
@@ -58,6 +66,9 @@ class EncoderConfig:
     left_chunks: int = -1
     max_dynamic_chunk: int = 25
     dynamic_left_chunks: bool = False
+    # harken.models.base.AttentionEncoder (conformer/transformer only; see the docstring above)
+    time_reduce_layers: list[int] = field(default_factory=list, metadata={"range": ">=0"})
+    interctc_layers: list[int] = field(default_factory=list, metadata={"range": ">=1"})
     # type="wav2vec2" only (ignored by the other encoders); see harken.models.wav2vec2.
     # d_model is then taken from the pretrained config and `dropout` is applied to its output.
     pretrained: str | None = None  # local Hugging Face checkpoint dir (config.json + weights)
@@ -65,6 +76,25 @@ class EncoderConfig:
     layerdrop: float = 0.05  # probability of skipping each transformer layer while training
     mask_time_prob: float = 0.05  # wav2vec2's own time masking of the projected features
     encoder_lr_scale: float = 0.1  # encoder learning rate = optim.lr * this (the CTC head gets optim.lr)
+
+    def __post_init__(self) -> None:
+        # cross-field checks of the layer options (a ValueError reaches the user as a ConfigError)
+        tr, n = list(self.time_reduce_layers), self.num_layers
+        if tr:
+            if len(tr) != 2 or not 0 <= tr[0] < tr[1] <= n:
+                raise ValueError(f"time_reduce_layers={tr} must be [start, end] with 0 <= start < end <= "
+                                 f"num_layers={n} (layers start..end-1, 0-based, run at half the frame rate)")
+            if self.causal or self.chunk_size > 0 or self.dynamic_chunk:
+                raise ValueError(f"time_reduce_layers={tr} cannot stream: it needs full-context, non-causal "
+                                 "attention (set causal=false, chunk_size=0 and dynamic_chunk=false, or leave "
+                                 "time_reduce_layers empty)")
+        bad = [k for k in self.interctc_layers if not 1 <= k < n]
+        if bad:
+            raise ValueError(f"interctc_layers={list(self.interctc_layers)}: each must be a 1-based layer below "
+                             f"the last (1..{n - 1} for num_layers={n}); the last layer is the main CTC output")
+        if (tr or self.interctc_layers) and not _supports_layer_options(self.type):
+            raise ValueError(f"time_reduce_layers / interctc_layers need a conformer or transformer encoder, "
+                             f"not type={self.type!r}")
 
     @property
     def channels(self) -> int:
@@ -153,6 +183,16 @@ def encoder_class(name: str) -> type:
     return ENCODERS[name]
 
 
+def _supports_layer_options(name: str) -> bool:
+    """Whether encoder ``name`` implements ``time_reduce_layers`` / ``interctc_layers`` (it has
+    ``forward_intermediate``; an unknown or unimportable type is left to the type check)."""
+    try:
+        cls = encoder_class(name)
+    except (UnknownEncoderError, ImportError):
+        return True
+    return hasattr(cls, "forward_intermediate")
+
+
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
     """The encoder ``cfg.type`` names, built from ``cls.prepare_config(cfg)``."""
     cls = encoder_class(cfg.type)
@@ -170,34 +210,54 @@ def encoder_flops(cfg: EncoderConfig, num_frames: int, vocab_size: int = 0, batc
     depend on the utterance: it is computed once per batch and layer, so it is counted once per
     batch, not ``batch_size`` times.  ``encoder_flops(cfg, T, V, B) / B`` is the per-utterance cost
     within a batch of B; ``batch_size=1`` (the default) is the cost of one utterance alone.
-    Only fbank-fed encoders with the conv2d4 subsampling are modelled."""
-    from harken.models.subsampling import Conv2dSubsampling4, subsampling_class
+    Only fbank-fed encoders with the built-in stems (conv2d4, dwconv4, dwconv8) are modelled;
+    the layers of ``time_reduce_layers`` are counted at half the frame rate, with the reduction and
+    recovery projections."""
+    from harken.models.subsampling import Conv2dSubsampling4, DepthwiseConv2dSubsampling, subsampling_class
 
     sub = subsampling_class(cfg.subsampling)
-    if sub is not Conv2dSubsampling4:
-        raise ValueError(f"encoder_flops models the conv2d4 subsampling, not {cfg.subsampling!r}")
     T, F = num_frames, cfg.input_dim
     C, D = cfg.channels, cfg.d_model
-    # the two stride-2 convolutions: first halving, then the full output size
-    T1, F1 = max(0, (T - 1) // 2), max(0, (F - 1) // 2)
-    T2, F2 = sub.output_lengths(T), sub.output_lengths(F)
     macs = 0.0
-    macs += T1 * F1 * C * 9  # conv1 (1 input channel)
-    macs += T2 * F2 * C * C * 9  # conv2
+    # the first stride-2 convolution (1 input channel) of every stem
+    T1, F1 = max(0, (T - 1) // 2), max(0, (F - 1) // 2)
+    macs += T1 * F1 * C * 9
+    if sub is Conv2dSubsampling4:
+        T2, F2 = sub.output_lengths(T), sub.output_lengths(F)
+        macs += T2 * F2 * C * C * 9  # conv2: full C x C x 3 x 3
+    elif isinstance(sub, type) and issubclass(sub, DepthwiseConv2dSubsampling):
+        T2, F2 = T1, F1
+        for _ in range(sub.stages - 1):  # depthwise 3x3 stride 2, then pointwise 1x1
+            T2, F2 = max(0, (T2 - 1) // 2), max(0, (F2 - 1) // 2)
+            macs += T2 * F2 * C * 9 + T2 * F2 * C * C
+    else:
+        raise ValueError(f"encoder_flops models the built-in subsamplings, not {cfg.subsampling!r}")
     macs += T2 * C * F2 * D  # linear to d_model
-    L = T2
-    per_layer = 0.0
     n_ff = 2 if (cfg.type == "conformer" and cfg.macaron) else 1
-    per_layer += n_ff * 2 * L * D * cfg.ff_dim
-    per_layer += L * D * 3 * D + L * D * D  # qkv + out proj
-    per_layer += 2 * L * L * D  # q k^T and attn @ v
+
+    def layer(L: int) -> tuple[float, float]:  # (per utterance, per batch) of one layer over L frames
+        per = n_ff * 2 * L * D * cfg.ff_dim
+        per += L * D * 3 * D + L * D * D  # qkv + out proj
+        per += 2 * L * L * D  # q k^T and attn @ v
+        shared = 0.0
+        if cfg.pos_enc == "rel":
+            P = max(2 * L - 1, 0)
+            shared += P * D * D  # positional projection: once per batch
+            per += L * P * D  # matrix_bd
+        if cfg.type == "conformer":
+            per += L * D * 2 * D + L * D * cfg.conv_kernel + L * D * D
+        return per, shared
+
+    L = T2
+    start, end = cfg.time_reduce_layers if cfg.time_reduce_layers else (0, 0)
+    Lh = (L + 1) // 2
     shared = 0.0  # per batch, not per utterance
-    if cfg.pos_enc == "rel":
-        P = max(2 * L - 1, 0)
-        shared += P * D * D  # positional projection: once per batch
-        per_layer += L * P * D  # matrix_bd
-    if cfg.type == "conformer":
-        per_layer += L * D * 2 * D + L * D * cfg.conv_kernel + L * D * D
-    macs += cfg.num_layers * per_layer
+    for i in range(cfg.num_layers):
+        per, sh = layer(Lh if start <= i < end else L)
+        macs += per
+        shared += sh
+    if end > start:
+        macs += 2 * Lh * D * 3 + Lh * D * D  # reduction: depthwise k=3 (at both phases) + pointwise
+        macs += L * D * D  # recovery projection
     macs += L * D * vocab_size
-    return 2.0 * (batch_size * macs + cfg.num_layers * shared)
+    return 2.0 * (batch_size * macs + shared)
