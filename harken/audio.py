@@ -1,4 +1,5 @@
-"""Audio in and out: any common input -> float32 mono at 16 kHz, with errors that name the input.
+"""Audio in and out: any common input -> float32 mono at a chosen rate (16 kHz unless the caller
+asks for another, e.g. an 8 kHz model's), with errors that name the input.
 
 Inputs: a path, the raw bytes of a file (``bytes``/``bytearray``/``memoryview``) or a binary file
 object. The container is recognised from its first bytes, not from the file name:
@@ -30,7 +31,10 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # the default rate of every reader, and the rate of a model that does not say
+#: the rates a model may be trained at (``model.fbank.sample_rate``): wideband and narrowband
+#: (telephone) speech. Everything that feeds a model resamples its input to the model's rate.
+MODEL_SAMPLE_RATES = (8000, 16000)
 
 #: sample rates accepted from a file header; anything else is a forged or broken header
 MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1000, 384000
@@ -191,6 +195,15 @@ def _resample(wave: np.ndarray, sr: int, target: int) -> np.ndarray:
     import soxr
 
     return soxr.resample(wave, sr, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def resample(wave: np.ndarray, sample_rate: int, target: int) -> np.ndarray:
+    """A float32 mono waveform at ``sample_rate`` -> the same audio at ``target`` Hz (soxr HQ, the
+    resampler every reader uses); returned as is when the rates are equal."""
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if int(sample_rate) == int(target) or wave.size == 0:
+        return wave
+    return _resample(wave, int(sample_rate), int(target))
 
 
 def _to_mono(data: np.ndarray) -> np.ndarray:

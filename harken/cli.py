@@ -23,12 +23,17 @@ def _setup_logging(verbose: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------ synth
 def cmd_synth(a) -> int:
-    from harken.data.corpus.synth import CorpusConfig, synthesize_corpus
+    from harken.data.corpus.synth import CorpusConfig, parse_engine_shares, synthesize_corpus
 
+    extra = {}
+    if a.engine_shares is not None:
+        extra["engine_shares"] = parse_engine_shares(a.engine_shares)
+    if a.codec_fraction is not None:
+        extra["codec_fraction"] = a.codec_fraction
     cfg = CorpusConfig(seed=a.seed, train_utts=a.train_utts, dev_utts=a.dev_utts,
                        test_seen_utts=a.test_utts, test_unseen_utts=a.test_utts,
                        piper_fraction=a.piper_fraction,
-                       voices=a.voices.split(",") if a.voices else None)
+                       voices=a.voices.split(",") if a.voices else None, **extra)
     summary = synthesize_corpus(cfg, a.out, jobs=a.jobs, progress=not a.quiet)
     if a.noise_dir:
         from harken.data.augment import generate_noise_folder
@@ -382,7 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-utts", type=int, default=3000)
     s.add_argument("--dev-utts", type=int, default=200)
     s.add_argument("--test-utts", type=int, default=200, help="per test set")
-    s.add_argument("--piper-fraction", type=float, default=0.04)
+    s.add_argument("--engine-shares", default=None,
+                   help="share of utterances per engine, e.g. espeak=0.45,flite=0.2,festival=0.15,piper=0.2 "
+                        "(the default; renormalised over the engines found); 'none': the same for every voice")
+    s.add_argument("--piper-fraction", type=float, default=None,
+                   help="piper's exact share of each split (overrides its engine share)")
+    s.add_argument("--codec-fraction", type=float, default=None,
+                   help="share of train utterances sent through a GSM or Opus round trip by ffmpeg (default 0.1)")
     s.add_argument("--voices", default=None, help="comma-separated voice ids or engines (default: all found)")
     s.add_argument("--noise-dir", default=None, help="also write generated noise (white, pink, brown, babble) here")
     s.add_argument("--jobs", type=int, default=2)

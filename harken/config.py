@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from harken.audio import SAMPLE_RATE  # every reader (data loader, runtime, server) delivers 16 kHz mono
+from harken.audio import MODEL_SAMPLE_RATES, SAMPLE_RATE  # readers resample to the model's rate (8 or 16 kHz)
 from harken.data.augment import AugmentConfig
 from harken.features import FbankConfig, SpecAugmentConfig
 from harken.models.registry import EncoderConfig
@@ -96,6 +96,15 @@ class DataConfig:
     cmvn_utts: int = 500  # utterances used to estimate CMVN when it is computed
     feature_cache: str | None = None  # folder for cached fbank features (only without waveform augmentation)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the Record field data.group_weighting balances: group, speaker, or a key of the record's extra
+    # fields (e.g. engine)
+    group_by: str = "group"
+    # the first N epochs go from short to long utterances (still bucketed); later epochs are shuffled
+    curriculum_epochs: int = field(default=0, metadata={"range": ">=0"})
+    prefetch_factor: int = field(default=4, metadata={"range": ">=1"})  # batches each loader worker prepares ahead
+    # before training: every audio file exists, decodes, and lasts what its record says (false: only
+    # that the files exist; for huge corpora already checked by harken prepare)
+    check_audio: bool = True
 
 
 @dataclass
@@ -111,6 +120,14 @@ class ModelConfig:
     fbank: FbankConfig = field(default_factory=FbankConfig)
     specaug: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     label_smoothing: float = 0.0
+    # intermediate CTC (harken.train.trainer.compute_loss): loss = (1 - w) * final CTC + w * the mean
+    # CTC of model.encoder.interctc_layers through the same head; 0 = off (inference never changes)
+    interctc_weight: float = field(default=0.0, metadata={"range": "[0,1)"})
+
+    def __post_init__(self) -> None:
+        if self.interctc_weight > 0 and not self.encoder.interctc_layers:
+            raise ValueError(f"interctc_weight={self.interctc_weight} needs model.encoder.interctc_layers "
+                             "(1-based layers whose outputs feed the CTC head too), e.g. [3]")
 
 
 @dataclass
@@ -124,6 +141,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     clip_grad_norm: float = 5.0  # 0 = no clipping
     accum_steps: int = 1
+    # what sets the schedule's position: progress = max(step/max_steps, minutes/train.max_minutes),
+    # so a run stopped by its time budget still anneals fully; steps = step/max_steps only
+    schedule_clock: str = field(default="progress", metadata={"choices": ("steps", "progress")})
 
 
 @dataclass
@@ -145,6 +165,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     dist_timeout_s: float = 1800.0  # torchrun runs: a collective waiting longer for a peer fails with a clear error
+    # exponential moving average of the weights (e.g. 0.999), kept in fp32, written as ema.pt; 0 = off
+    ema_decay: float = field(default=0.0, metadata={"range": "[0,1)"})
 
 
 @dataclass
@@ -180,8 +202,9 @@ RULES: dict[type, dict[str, dict[str, Any]]] = {
         "speed_factors": {"range": ">0"},
         "noise_prob": {"range": "[0,1]"},
         "volume_prob": {"range": "[0,1]"},
-        "sample_rate": {"choices": (SAMPLE_RATE,),  # the rate the data loader reads speech and noise at
-                        "why": f"harken reads and resamples all audio (speech and noise) to {SAMPLE_RATE} Hz"},
+        # the rate the data loader reads speech and noise at; validate() ties it to model.fbank.sample_rate
+        "sample_rate": {"choices": MODEL_SAMPLE_RATES,
+                        "why": "it follows model.fbank.sample_rate (set that one, or leave both out)"},
     },
     TokenizerConfig: {
         # harken.text.tokenizer.build_tokenizer
@@ -202,8 +225,8 @@ RULES: dict[type, dict[str, dict[str, Any]]] = {
         "conv_kernel": {"range": ">=1"},
         "dropout": {"range": "[0,1)"},
         "attn_dropout": {"range": "[0,1)"},
-        # harken.models.subsampling.Conv2dSubsampling4
-        "subsampling": {"choices": ("conv2d4",)},
+        # harken.models.subsampling.SUBSAMPLINGS
+        "subsampling": {"choices": ("conv2d4", "dwconv4", "dwconv8")},
         "subsampling_channels": {"range": ">=0"},
         # harken.models.conformer (_EncoderBase, ConvModule)
         "pos_enc": {"choices": ("rel", "abs")},
@@ -216,7 +239,9 @@ RULES: dict[type, dict[str, dict[str, Any]]] = {
         "encoder_lr_scale": {"range": ">0"},
     },
     FbankConfig: {
-        "sample_rate": {"range": ">0"},  # 16 kHz itself is checked by validate() with the reason
+        "sample_rate": {"choices": MODEL_SAMPLE_RATES,  # harken.audio.MODEL_SAMPLE_RATES
+                        "why": "models are trained at 16000 (wideband) or 8000 (telephone); other recordings "
+                               "are resampled to the model's rate"},
         "num_mel_bins": {"range": ">=1"},
         "frame_length_ms": {"range": ">0"},
         "frame_shift_ms": {"range": ">0"},
@@ -535,12 +560,11 @@ _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 # ---------------------------------------------------------------------------------------------
 # Facts that span sections.
 def _fbank_geometry(fb: FbankConfig) -> None:
-    if fb.sample_rate != SAMPLE_RATE:
-        hint = " (8 kHz recordings are resampled up, which is fine)" if fb.sample_rate < SAMPLE_RATE else ""
+    if fb.sample_rate not in MODEL_SAMPLE_RATES:
         raise ConfigError(
-            f"model.fbank.sample_rate={fb.sample_rate} is not supported: harken reads and resamples all audio to "
-            f"{SAMPLE_RATE} Hz{hint}; set model.fbank.sample_rate={SAMPLE_RATE} (or leave it out)",
-            "model.fbank.sample_rate")
+            f"model.fbank.sample_rate={fb.sample_rate} is not supported: models are trained at 16000 Hz "
+            f"(wideband) or 8000 Hz (telephone), and recordings at any other rate are resampled to it; set "
+            f"model.fbank.sample_rate to 16000 or 8000", "model.fbank.sample_rate")
     if fb.win_length < 1:
         raise ConfigError(f"model.fbank.frame_length_ms={fb.frame_length_ms} is shorter than one sample "
                           f"at {fb.sample_rate} Hz", "model.fbank.frame_length_ms")
@@ -591,8 +615,10 @@ def _validate_experiment(cfg: ExperimentConfig, explicit: set[str] | None) -> No
     if not waveform:
         _fbank_geometry(fb)
     else:
-        if fb.sample_rate != SAMPLE_RATE:
-            _fbank_geometry(fb)  # the same sample-rate message
+        if fb.sample_rate != SAMPLE_RATE:  # pretrained waveform encoders (wav2vec2, Whisper) hear 16 kHz
+            raise ConfigError(f"model.fbank.sample_rate={fb.sample_rate} is not supported by the {enc.type} encoder: "
+                              f"it was pretrained on {SAMPLE_RATE} Hz audio (8 kHz recordings are resampled up); "
+                              f"set model.fbank.sample_rate={SAMPLE_RATE} (or leave it out)", "model.fbank.sample_rate")
         if enc.type == "wav2vec2" and not enc.pretrained:
             raise ConfigError(f"model.encoder.type={enc.type} needs model.encoder.pretrained=<local Hugging Face "
                               "model dir>", ("model.encoder.type", "model.encoder.pretrained"))
@@ -621,13 +647,30 @@ def _validate_experiment(cfg: ExperimentConfig, explicit: set[str] | None) -> No
             raise ConfigError(f"model.encoder.conv_kernel={enc.conv_kernel} must be odd for a non-causal conformer "
                               "(or set model.encoder.causal=true)",
                               ("model.encoder.conv_kernel", "model.encoder.causal"))
-        if enc.subsampling == "conv2d4" and enc.input_dim < 7:
-            raise ConfigError(f"model.fbank.num_mel_bins={fb.num_mel_bins} is too few for conv2d4 subsampling "
-                              "(needs at least 7)", ("model.fbank.num_mel_bins", "model.encoder.input_dim"))
+        from harken.models.subsampling import subsampling_class
+
+        need = int(subsampling_class(enc.subsampling).receptive_field)  # one output bin along frequency
+        if enc.input_dim < need:
+            raise ConfigError(f"model.fbank.num_mel_bins={fb.num_mel_bins} is too few for {enc.subsampling} "
+                              f"subsampling (needs at least {need})",
+                              ("model.fbank.num_mel_bins", "model.encoder.input_dim"))
     if m.specaug.time_warp:
         raise ConfigError(f"model.specaug.time_warp={m.specaug.time_warp}: time warping is not implemented; "
                           "set it to 0", "model.specaug.time_warp")
     d = cfg.data
+    # the data loader reads speech and noise at the model's rate: data.augment.sample_rate follows
+    # model.fbank.sample_rate (stated once, like input_dim)
+    if d.augment.sample_rate != fb.sample_rate:
+        if explicit is None:
+            set_rate = d.augment.sample_rate != SAMPLE_RATE
+        else:
+            set_rate = "data.augment.sample_rate" in explicit
+        if set_rate:
+            raise ConfigError(
+                f"data.augment.sample_rate={d.augment.sample_rate} disagrees with model.fbank.sample_rate="
+                f"{fb.sample_rate}: audio is read at the model's rate, so set only model.fbank.sample_rate "
+                "(data.augment.sample_rate follows it)", ("data.augment.sample_rate", "model.fbank.sample_rate"))
+        d.augment.sample_rate = fb.sample_rate
     if d.min_utt_duration >= d.max_utt_duration:
         raise ConfigError(f"data.min_utt_duration={d.min_utt_duration} must be below data.max_utt_duration="
                           f"{d.max_utt_duration}", ("data.min_utt_duration", "data.max_utt_duration"))

@@ -356,6 +356,11 @@ class SpecAugmentConfig:
     max_time_width: int = 30
     max_time_ratio: float = 0.05  # a time mask never exceeds this fraction of the utterance length
     time_warp: int = 0  # 0 disables; warping is not implemented
+    # ramp the masking in over the first N optimizer steps (counts and widths grow linearly from
+    # 0 to the values above); 0 = full strength from the first step
+    ramp_steps: int = 0
+
+    __config_rules__ = {"ramp_steps": {"range": ">=0"}}
 
 
 class SpecAugment(nn.Module):
@@ -364,6 +369,10 @@ class SpecAugment(nn.Module):
     Widths and positions are drawn per utterance from the torch global RNG (on CPU), so
     ``torch.manual_seed`` / RNG-state restore makes it reproducible. Time masks stay inside each
     utterance's valid frames and are at most ``min(max_time_width, max_time_ratio * len)`` wide.
+
+    Strength ramp: :meth:`set_progress` (the trainer calls it before each step when
+    ``ramp_steps > 0``) scales mask counts (rounded) and widths (floored) by a fraction in [0, 1].
+    It is a plain attribute, not a buffer: checkpoints, eval mode and exported graphs never see it.
     """
 
     def __init__(self, cfg: SpecAugmentConfig | None = None):
@@ -371,27 +380,39 @@ class SpecAugment(nn.Module):
         self.cfg = cfg if cfg is not None else SpecAugmentConfig()
         if self.cfg.time_warp:
             raise NotImplementedError("SpecAugment time_warp is not implemented; set time_warp=0")
+        self.strength = 1.0
+
+    def set_progress(self, fraction: float) -> None:
+        """Masking strength in [0, 1] (1 = the configured counts and widths)."""
+        self.strength = min(1.0, max(0.0, float(fraction)))
+
+    def _scaled(self) -> tuple[int, int, int, int, float]:
+        cfg, a = self.cfg, self.strength
+        if a >= 1.0:
+            return cfg.num_freq_masks, cfg.max_freq_width, cfg.num_time_masks, cfg.max_time_width, cfg.max_time_ratio
+        return (int(cfg.num_freq_masks * a + 0.5), int(cfg.max_freq_width * a), int(cfg.num_time_masks * a + 0.5),
+                int(cfg.max_time_width * a), cfg.max_time_ratio * a)
 
     def forward(self, feats: Tensor, lens: Tensor) -> Tensor:
         if not self.training:
             return feats
-        cfg = self.cfg
+        n_freq, freq_width, n_time, time_width, time_ratio = self._scaled()
         b, t, f = feats.shape
         mask = torch.zeros(b, t, f, dtype=torch.bool)
-        if cfg.num_freq_masks > 0 and cfg.max_freq_width > 0:
-            fw = torch.randint(0, min(cfg.max_freq_width, f) + 1, (b, cfg.num_freq_masks))
-            f0 = (torch.rand(b, cfg.num_freq_masks) * (f - fw + 1)).floor().long()
+        if n_freq > 0 and freq_width > 0:
+            fw = torch.randint(0, min(freq_width, f) + 1, (b, n_freq))
+            f0 = (torch.rand(b, n_freq) * (f - fw + 1)).floor().long()
             fr = torch.arange(f)[None, None, :]
             fm = ((fr >= f0[..., None]) & (fr < (f0 + fw)[..., None])).any(dim=1)  # (B, F)
             mask |= fm[:, None, :]
-        if cfg.num_time_masks > 0 and cfg.max_time_width > 0:
+        if n_time > 0 and time_width > 0:
             lens_c = lens.detach().cpu().to(torch.int64).clamp(min=0, max=t)
             max_w = torch.minimum(
-                torch.full_like(lens_c, cfg.max_time_width),
-                (lens_c.to(torch.float64) * cfg.max_time_ratio).floor().long(),
+                torch.full_like(lens_c, time_width),
+                (lens_c.to(torch.float64) * time_ratio).floor().long(),
             )  # (B,)
-            tw = (torch.rand(b, cfg.num_time_masks) * (max_w[:, None] + 1)).floor().long()
-            t0 = (torch.rand(b, cfg.num_time_masks) * (lens_c[:, None] - tw + 1)).floor().long()
+            tw = (torch.rand(b, n_time) * (max_w[:, None] + 1)).floor().long()
+            t0 = (torch.rand(b, n_time) * (lens_c[:, None] - tw + 1)).floor().long()
             tr = torch.arange(t)[None, None, :]
             tm = ((tr >= t0[..., None]) & (tr < (t0 + tw)[..., None])).any(dim=1)  # (B, T)
             mask |= tm[:, :, None]

@@ -207,18 +207,20 @@ def test_cross_field_checks():
 
 
 # ------------------------------------------------------------------------------------ sample rate, fbank
-def test_sample_rate_8000_refused_with_the_hint():
-    msg = error(["model.fbank.sample_rate=8000"])
-    assert msg.startswith("override 'model.fbank.sample_rate=8000': model.fbank.sample_rate=8000 is not supported")
-    assert "resamples all audio to 16000 Hz" in msg and "8 kHz recordings are resampled up" in msg
-    assert "set model.fbank.sample_rate=16000" in msg
-    assert "16000" in error(["data.augment.sample_rate=8000"])
+def test_sample_rate_8000_or_16000_and_other_rates_refused_with_the_reason():
+    cfg = load_config(None, ["model.fbank.sample_rate=8000"])
+    assert cfg.model.fbank.sample_rate == 8000 and cfg.data.augment.sample_rate == 8000  # it follows
+    msg = error(["model.fbank.sample_rate=22050"])
+    assert msg.startswith("override 'model.fbank.sample_rate=22050': model.fbank.sample_rate: 22050 is not allowed; "
+                          "choose one of 8000, 16000")
+    assert "resampled to the model's rate" in msg
+    assert "disagrees with model.fbank.sample_rate=16000" in error(["data.augment.sample_rate=8000"])
 
 
 def test_sample_rate_in_a_file_names_the_file(tmp_path):
-    p = tmp_path / "narrow.yaml"
-    p.write_text("model:\n  fbank:\n    sample_rate: 8000\n")
-    assert error([], str(p)).startswith(f"{p}: model.fbank.sample_rate=8000 is not supported")
+    p = tmp_path / "odd.yaml"
+    p.write_text("model:\n  fbank:\n    sample_rate: 11025\n")
+    assert error([], str(p)).startswith(f"{p}: model.fbank.sample_rate: 11025 is not allowed")
 
 
 def test_fbank_geometry():
@@ -284,8 +286,8 @@ def test_waveform_encoder_ignores_input_dim():
                              "model.fbank.num_mel_bins=40", "model.encoder.input_dim=64"])
     assert cfg.model.encoder.input_dim == 64
     assert "needs model.encoder.pretrained" in error(["model.encoder.type=wav2vec2"])
-    assert "not supported" in error(["model.encoder.type=wav2vec2", "model.encoder.pretrained=/m",
-                                     "model.fbank.sample_rate=8000"])
+    assert "pretrained on 16000 Hz" in error(["model.encoder.type=wav2vec2", "model.encoder.pretrained=/m",
+                                              "model.fbank.sample_rate=8000"])
 
 
 # ------------------------------------------------------------------------------------ validate(), from_dict()

@@ -70,3 +70,30 @@ def test_load_detects_char_when_only_tokens_txt(tmp_path):
     CharTokenizer.build(["abc d"]).save(tmp_path)
     assert isinstance(load_tokenizer(tmp_path), CharTokenizer)
     assert isinstance(load_tokenizer(tmp_path / "tokens.txt"), CharTokenizer)
+
+
+COMMANDS = ("yes no stop go left right up down one two three four five six seven eight nine zero on off "
+            "call cancel help repeat start back next menu").split()
+
+
+def test_bpe_larger_than_the_text_supports_gives_one_piece_per_word(caplog):
+    texts = COMMANDS + [" ".join(COMMANDS[i: i + 3]) for i in range(0, len(COMMANDS), 2)]
+    with caplog.at_level("INFO", logger="harken.text.tokenizer"):
+        tok = build_tokenizer("bpe", texts, vocab_size=500)
+    assert tok.vocab_size < 500
+    assert all(len(tok.encode(w)) == 1 for w in COMMANDS)  # word-level units
+    assert tok.decode(tok.encode("stop go left")) == "stop go left"
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "vocab_size=500 is more than this text supports" in msg and f"{tok.vocab_size} pieces" in msg
+    assert f"{len(COMMANDS)} of its {len(COMMANDS)} distinct words are one piece each" in msg
+    caplog.clear()
+    with caplog.at_level("INFO", logger="harken.text.tokenizer"):
+        build_tokenizer("bpe", TEXTS, vocab_size=40)  # within what the text supports: no capping line
+    assert not caplog.records
+
+
+def test_bpe_vocab_below_the_characters_is_one_clear_error():
+    with pytest.raises(ValueError) as e:
+        build_tokenizer("bpe", COMMANDS, vocab_size=10)
+    msg = str(e.value)
+    assert "\n" not in msg and "vocab_size=10 is smaller than the" in msg and "tokenizer.kind=char" in msg

@@ -6,7 +6,8 @@ The model is exported in eval mode: dither, SpecAugment and dropout are training
 
 ``variant="wave"`` (``model_type=harken_ctc_wave``): the whole recognizer front to back.
 
-    input  0  ``waveform``       float32 (batch, samples), 16 kHz mono in [-1, 1], right-padded
+    input  0  ``waveform``       float32 (batch, samples), mono in [-1, 1] at the model's ``sample_rate``
+                                 (16 or 8 kHz, in the metadata), right-padded
     input  1  ``waveform_lens``  int64   (batch,)          valid samples per row
     output 0  ``log_probs``      float32 (batch, T', V)    log-softmax over the vocabulary
     output 1  ``log_probs_lens`` int64   (batch,)          valid output frames per row
@@ -23,9 +24,11 @@ The model is exported in eval mode: dither, SpecAugment and dropout are training
     output 1  ``log_probs_lens`` int64   (N,)
 
   Global CMVN is inside the graph; ``tokens.txt`` (``symbol id`` per line, ``<blk> 0``) is
-  written beside the model. sherpa computes its own features with fixed settings (20..7600 Hz,
-  snip_edges false, dither 1.0, povey window); a checkpoint whose fbank differs is refused unless
-  ``force=True`` (it would run, but transcribe worse).
+  written beside the model. sherpa computes its own features with fixed settings (20 Hz to
+  Nyquist - 400 Hz, i.e. 7600 Hz at 16 kHz and 3600 Hz at 8 kHz; snip_edges false, dither 1.0,
+  povey window) at the sample rate it is given (:func:`harken.export.sherpa.recognizer` passes the
+  model's); a checkpoint whose fbank differs is refused unless ``force=True`` (it would run, but
+  transcribe worse).
 
 Metadata keys (ONNX ``metadata_props``; every value is a string):
 
@@ -35,7 +38,8 @@ Metadata keys (ONNX ``metadata_props``; every value is a string):
     model_type                ``harken_ctc_wave`` (wave) or ``wenet_ctc`` (sherpa-wenet)
     harken_variant            ``wave`` or ``sherpa-wenet``
     harken_version            harken's ``__version__`` at export time
-    sample_rate               input sample rate in Hz, e.g. ``16000``
+    sample_rate               input sample rate in Hz: ``16000`` or ``8000`` (the fbank's; feed audio
+                              resampled to it)
     feature_config            JSON of :class:`harken.features.FbankConfig` (the checkpoint's fbank;
                               ``dither`` is whatever training used: the graph never dithers)
     feature_dim               fbank bins (input feature size of the encoder), e.g. ``80``
@@ -84,7 +88,9 @@ VARIANTS = ("wave", "sherpa-wenet")
 MODEL_TYPES = {"wave": "harken_ctc_wave", "sherpa-wenet": "wenet_ctc"}
 DEFAULT_OPSET = 18
 
-# the front end sherpa-onnx computes for WeNet CTC models (contract section 2); dither is ignored
+# the front end sherpa-onnx computes for WeNet CTC models (contract section 2); dither is ignored.
+# sample_rate is the one setting sherpa takes from its caller (from_wenet_ctc(sample_rate=...)): any
+# model rate (harken.audio.MODEL_SAMPLE_RATES) matches; the value here is sherpa's default.
 SHERPA_FBANK = dict(sample_rate=16000, num_mel_bins=80, frame_length_ms=25.0, frame_shift_ms=10.0,
                     preemph_coeff=0.97, remove_dc_offset=True, window_type="povey", round_to_power_of_two=True,
                     low_freq=20.0, high_freq=-400.0, snip_edges=False, input_scale=32768.0, use_power=True)
@@ -166,8 +172,11 @@ def _min_samples(fbank_cfg, frames: int) -> int:
 
 
 def _check_sherpa_fbank(fb, force: bool) -> None:
+    from harken.audio import MODEL_SAMPLE_RATES
+
     d = dataclasses.asdict(fb)
-    bad = {k: (d[k], v) for k, v in SHERPA_FBANK.items() if k in d and d[k] != v}
+    bad = {k: (d[k], v) for k, v in SHERPA_FBANK.items() if k in d and d[k] != v
+           and not (k == "sample_rate" and d[k] in MODEL_SAMPLE_RATES)}
     if bad:
         msg = ", ".join(f"{k}={a!r} (sherpa uses {b!r})" for k, (a, b) in sorted(bad.items()))
         if not force:
@@ -273,7 +282,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, vari
         min_in = _min_samples(fb, min_frames) if enc_type != "wav2vec2" else 400
         n_ex = max(min_in, int(1.3 * fb.sample_rate))
         args = (torch.randn(2, n_ex) * 0.1, torch.tensor([n_ex, n_ex - 3000 if n_ex > min_in + 3000 else n_ex]))
-        names_in, time_max = ["waveform", "waveform_lens"], 16000 * 3600
+        names_in, time_max = ["waveform", "waveform_lens"], int(fb.sample_rate) * 3600
     else:
         if enc_type == "wav2vec2":
             raise ExportError("sherpa-wenet needs an fbank-input encoder; a wav2vec2 encoder reads the waveform "

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["SherpaError", "probe", "recognizer", "transcribe_files", "transcribe_waves", "clean_text"]
+__all__ = ["SherpaError", "probe", "recognizer", "model_rate", "transcribe_files", "transcribe_waves", "clean_text"]
 
 
 class SherpaError(RuntimeError):
@@ -31,17 +31,37 @@ def clean_text(text: str) -> str:
     return " ".join(text.replace("<unk>", "").split())
 
 
-def recognizer(model: str | os.PathLike, tokens: str | os.PathLike, num_threads: int = 1):
-    """An in-process ``sherpa_onnx.OfflineRecognizer`` for a WeNet-CTC model (probe it first)."""
+def model_rate(model: str | os.PathLike) -> tuple[int, int]:
+    """``(sample_rate, feature_dim)`` of an exported model, from its metadata (harken writes both;
+    sherpa's defaults 16000 and 80 where a key is missing)."""
+    from harken.export.onnx import read_metadata
+
+    md = read_metadata(model)
+    try:
+        return int(md.get("sample_rate", 16000)), int(md.get("feature_dim", 80))
+    except (TypeError, ValueError):
+        return 16000, 80
+
+
+def recognizer(model: str | os.PathLike, tokens: str | os.PathLike, num_threads: int = 1,
+               sample_rate: int | None = None, feature_dim: int | None = None):
+    """An in-process ``sherpa_onnx.OfflineRecognizer`` for a WeNet-CTC model (probe it first).
+    ``sample_rate`` / ``feature_dim``: of sherpa's front end; None: the model's own (its metadata),
+    so an 8 kHz model gets 8 kHz features."""
     import sherpa_onnx
 
+    if sample_rate is None or feature_dim is None:
+        sr, dim = model_rate(model)
+        sample_rate = sr if sample_rate is None else sample_rate
+        feature_dim = dim if feature_dim is None else feature_dim
     return sherpa_onnx.OfflineRecognizer.from_wenet_ctc(model=str(model), tokens=str(tokens),
-                                                         num_threads=int(num_threads), sample_rate=16000,
-                                                         feature_dim=80, decoding_method="greedy_search")
+                                                         num_threads=int(num_threads), sample_rate=int(sample_rate),
+                                                         feature_dim=int(feature_dim), decoding_method="greedy_search")
 
 
 def transcribe_waves(rec, waves: Sequence, sample_rate: int = 16000) -> list[str]:
-    """Decode float32 waveforms in [-1, 1] with an in-process recognizer, one stream each."""
+    """Decode float32 waveforms in [-1, 1] at ``sample_rate`` with an in-process recognizer, one
+    stream each (sherpa resamples to its front end's rate)."""
     out = []
     for w in waves:
         s = rec.create_stream()
@@ -90,6 +110,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("files", nargs="*")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    rate, _ = model_rate(a.model)
     rec = recognizer(a.model, a.tokens, a.threads)
     if not a.files:
         print(json.dumps({"loaded": a.model}))
@@ -97,9 +118,9 @@ def _main(argv: list[str]) -> int:
     from harken.audio import load_audio
 
     for f in a.files:
-        w = load_audio(f)
+        w = load_audio(f, sample_rate=rate)  # any file rate: resampled to the model's
         s = rec.create_stream()
-        s.accept_waveform(16000, w)
+        s.accept_waveform(rate, w)
         rec.decode_stream(s)
         print(json.dumps({"file": f, "text": clean_text(s.result.text), "tokens": list(s.result.tokens)},
                          ensure_ascii=False), flush=True)

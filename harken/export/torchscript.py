@@ -1,6 +1,6 @@
 """TorchScript export: one ``.ts`` file that ``torch.jit.load`` runs without harken installed.
 
-    waveform       float32 (batch, samples) 16 kHz mono in [-1, 1], right-padded
+    waveform       float32 (batch, samples) mono in [-1, 1] at the model's sample_rate, right-padded
     waveform_lens  int64   (batch,)          valid samples per row
     ->  log_probs  float32 (batch, T', V)    log-softmax over the vocabulary
         lens       int64   (batch,)          valid output frames per row

@@ -62,15 +62,17 @@ class OnnxCtc:
         return lp, out_lens
 
 
-def _probe_waves(n: int, seed: int = 0) -> list[np.ndarray]:
-    """Speech-like test signals (harmonic bursts in noise) of different lengths, when no manifest."""
+def _probe_waves(n: int, seed: int = 0, sample_rate: int = 16000) -> list[np.ndarray]:
+    """Speech-like test signals (harmonic bursts in noise) of different lengths at ``sample_rate``
+    (the model's), when no manifest."""
     rng = np.random.default_rng(seed)
+    sr = int(sample_rate)
     out = []
     for i in range(n):
         sec = 1.0 + 0.7 * i
-        t = np.arange(int(16000 * sec)) / 16000
+        t = np.arange(int(sr * sec)) / sr
         f0 = 110 + 40 * np.sin(2 * np.pi * 0.7 * t)
-        ph = 2 * np.pi * np.cumsum(f0) / 16000
+        ph = 2 * np.pi * np.cumsum(f0) / sr
         x = sum(np.sin(k * ph) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)
         x = 0.1 * x / np.abs(x).max() + 0.003 * rng.standard_normal(len(t))
         out.append(x.astype(np.float32))
@@ -156,7 +158,8 @@ def verify_artifacts(checkpoint: str | os.PathLike, artifacts: Sequence[str | os
     from harken.export.onnx import load_checkpoint_model, read_metadata
     from harken.text.normalize import normalize_text
 
-    model, tok, _ = load_checkpoint_model(checkpoint)
+    model, tok, cfg = load_checkpoint_model(checkpoint)
+    sr = int(cfg.model.fbank.sample_rate)  # the model's rate: audio is read (resampled) at it
     torch_run = _TorchRunner(model)
     records, refs, waves = [], [], []
     if manifest:
@@ -164,10 +167,10 @@ def verify_artifacts(checkpoint: str | os.PathLike, artifacts: Sequence[str | os
         from harken.data.manifest import read_manifest
 
         records = read_manifest(manifest)[: max_utts or None]
-        ds = AsrDataset(records)
+        ds = AsrDataset(records, sample_rate=sr)
         waves = [ds.load(i) for i in range(len(records))]
         refs = [normalize_text(r.text) for r in records]
-    probe = waves[:num_utts] if waves else _probe_waves(num_utts)
+    probe = waves[:num_utts] if waves else _probe_waves(num_utts, sample_rate=sr)
     rows: list[dict] = []
     torch_hyps = _greedy_texts(torch_run, waves, tok) if waves else []
     torch_wer = error_report(refs, torch_hyps).wer if waves else None

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from harken.audio import AudioError, as_waveform
+from harken.audio import AudioError, _check_rate, _is_tensor, as_waveform, resample
 from harken.data.sampler import length_batches
 from harken.models.info import ModelInfo, file_model_id
 from harken.runtime.blocks import iter_blocks
@@ -389,8 +389,17 @@ class Engine:
                 self._decoders.popitem(last=False)
         return dec
 
-    def _as_wave(self, audio) -> tuple[np.ndarray, str]:
-        return as_waveform(audio, sample_rate=self.sample_rate)
+    def _as_wave(self, audio, sample_rate: int | None = None) -> tuple[np.ndarray, str]:
+        """Any input -> (float32 waveform at the model's rate, source name). Files and bytes are
+        decoded and resampled to the model's rate whatever theirs; a waveform array is taken to be
+        at ``sample_rate`` (None: the model's) and resampled from it."""
+        sr = self.sample_rate
+        if sample_rate is not None and (isinstance(audio, np.ndarray) or _is_tensor(audio)):
+            rate = _check_rate("<array>", sample_rate)
+            if rate != sr:
+                wave, name = as_waveform(audio, sample_rate=rate)
+                return resample(wave, rate, sr), name
+        return as_waveform(audio, sample_rate=sr)
 
     def log_probs(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Per waveform: its CTC log-probs (T', V) float32 on the CPU (one padded forward)."""
@@ -470,10 +479,11 @@ class Engine:
     # ------------------------------------------------------------------------------ batch call
     def infer_batch(self, waves: Sequence, options: DecodeOptions | None = None, *,
                     max_item_seconds: float | None = None, long_form: bool = False,
-                    max_batch_frames: int | None = None, sources: Sequence[str] | None = None
-                    ) -> list[Transcript | ItemError]:
-        """Transcribe already-decoded waveforms (1-D, at ``self.sample_rate``; any int/float
-        dtype is scaled, see :func:`harken.audio.as_waveform`). Returns, per input and in order,
+                    max_batch_frames: int | None = None, sources: Sequence[str] | None = None,
+                    sample_rate: int | None = None) -> list[Transcript | ItemError]:
+        """Transcribe already-decoded waveforms (1-D, at ``sample_rate``, default the model's
+        ``self.sample_rate``, and resampled to it otherwise; any int/float dtype is scaled, see
+        :func:`harken.audio.as_waveform`). Returns, per input and in order,
         a :class:`Transcript` or an :class:`ItemError`; one bad item never fails the others.
 
         Limits: an item longer than ``max_item_seconds`` (default: the engine's) is an
@@ -490,10 +500,11 @@ class Engine:
         results: list[Transcript | ItemError | None] = [None] * len(waves)
         ok: list[int] = []
         arrays: dict[int, np.ndarray] = {}
+        same_rate = sample_rate is None or int(sample_rate) == sr
         for i, w in enumerate(waves):
             src = sources[i] if sources is not None else ""
             try:
-                arr, _ = as_waveform(w, sample_rate=sr) if not _is_plain_wave(w) else (w, "<array>")
+                arr, _ = (w, "<array>") if same_rate and _is_plain_wave(w) else self._as_wave(w, sample_rate)
             except (AudioError, TypeError, ValueError) as e:
                 results[i] = ItemError("bad_audio", f"item {i}: {e}", index=i, source=src,
                                        audio_code=getattr(e, "code", ""))
@@ -555,13 +566,15 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------------------ public API
-    def transcribe(self, audio, options: DecodeOptions | None = None) -> Transcript:
-        """Transcribe one input: a file path, raw file bytes, a binary file object, or a 1-D
-        waveform (numpy of any int/float dtype, or a torch tensor) at ``self.sample_rate``.
+    def transcribe(self, audio, options: DecodeOptions | None = None, *,
+                   sample_rate: int | None = None) -> Transcript:
+        """Transcribe one input: a file path, raw file bytes, a binary file object (any sample
+        rate: decoded and resampled to the model's), or a 1-D waveform (numpy of any int/float
+        dtype, or a torch tensor) at ``sample_rate`` (default: the model's ``self.sample_rate``).
         Inputs longer than ``max_item_seconds`` are cut by VAD and come back with ``segments``.
         Raises :class:`harken.audio.AudioError` for unusable audio."""
         t0 = time.perf_counter()
-        wave, src = self._as_wave(audio)
+        wave, src = self._as_wave(audio, sample_rate)
         t_dec = time.perf_counter() - t0
         r = self.infer_batch([wave], options, long_form=True)[0]
         if isinstance(r, ItemError):
@@ -573,8 +586,10 @@ class Engine:
         return r
 
     def iter_transcribe(self, inputs: Sequence, options: DecodeOptions | None = None,
-                        max_duration: float = 200.0) -> Iterator[tuple[int, Transcript | ItemError]]:
-        """Transcribe many inputs (paths, bytes, waveforms), yielding ``(index, result)`` as each
+                        max_duration: float = 200.0, *, sample_rate: int | None = None
+                        ) -> Iterator[tuple[int, Transcript | ItemError]]:
+        """Transcribe many inputs (paths, bytes, waveforms at ``sample_rate``, default the
+        model's), yielding ``(index, result)`` as each
         batch of about ``max_duration`` seconds finishes (results of a batch in input order, not
         necessarily overall). Only one batch of audio is held at a time; a file that cannot be
         read is an ``ItemError("bad_audio")`` and the rest go on."""
@@ -590,7 +605,7 @@ class Engine:
 
         for i, a in enumerate(inputs):
             try:
-                w, src = self._as_wave(a)
+                w, src = self._as_wave(a, sample_rate)
             except (AudioError, TypeError, ValueError, OSError) as e:
                 yield i, ItemError("bad_audio", str(e), index=i, source=str(a) if isinstance(a, (str, os.PathLike))
                                    else type(a).__name__)
@@ -604,21 +619,23 @@ class Engine:
             yield from flush()
 
     def transcribe_batch(self, inputs: Sequence, options: DecodeOptions | None = None,
-                         max_duration: float = 200.0) -> list[Transcript | ItemError]:
+                         max_duration: float = 200.0, *, sample_rate: int | None = None
+                         ) -> list[Transcript | ItemError]:
         """:meth:`iter_transcribe` collected in input order (an ItemError where one failed)."""
         out: list = [None] * len(inputs)
-        for i, r in self.iter_transcribe(inputs, options, max_duration):
+        for i, r in self.iter_transcribe(inputs, options, max_duration, sample_rate=sample_rate):
             out[i] = r
         return out
 
-    def align(self, audio, text: str, normalize: bool = True) -> list[Word]:
-        """Word times and confidences of a known transcript ``text`` in ``audio`` by CTC forced
+    def align(self, audio, text: str, normalize: bool = True, *, sample_rate: int | None = None) -> list[Word]:
+        """Word times and confidences of a known transcript ``text`` in ``audio`` (a waveform at
+        ``sample_rate``, default the model's, or a file) by CTC forced
         alignment. The text is normalised first (``normalize``), so the words returned are the
         normalised ones. Raises :class:`harken.decode.align.AlignmentError` when the audio is too
         short for the text."""
         from harken.text.normalize import normalize_text
 
-        wave, _ = self._as_wave(audio)
+        wave, _ = self._as_wave(audio, sample_rate)
         if normalize:
             text = normalize_text(text)
         lp = self.log_probs([wave])[0]
@@ -626,14 +643,18 @@ class Engine:
 
     def transcribe_segments(self, audio, options: DecodeOptions | None = None, max_segment: float = 20.0,
                             batch_size: int = 8, vad: str = "energy", block_seconds: float = 2.0,
-                            min_silence: float = 0.5, pad: float = 0.2, **vad_kw) -> Iterator[Segment]:
+                            min_silence: float = 0.5, pad: float = 0.2, sample_rate: int | None = None,
+                            **vad_kw) -> Iterator[Segment]:
         """Transcribe a recording of any length, lazily (a generator, like faster-whisper's
         ``segments``): the input is read in blocks of ``block_seconds`` (files: soundfile formats
         streamed, others streamed through ffmpeg), cut at pauses into pieces of at most
         ``max_segment`` seconds (forced cuts where speech runs on), decoded ``batch_size`` pieces at
         a time, and the segments are yielded in order with input-relative times. Memory stays
         bounded by the batch, not the input. ``vad``: "energy", "webrtc" or "auto"; ``vad_kw`` go
-        to the detector (e.g. ``margin_db``, ``hangover``)."""
+        to the detector (e.g. ``margin_db``, ``hangover``). A waveform array is at ``sample_rate``
+        (default: the model's). The detector works at 16 kHz: audio is cut at that rate and each
+        piece resampled to the model's rate before decoding."""
+        from harken.vad import SAMPLE_RATE as VAD_RATE
         from harken.vad import Segmenter, make_vad
 
         options = options or self._options
@@ -644,16 +665,17 @@ class Engine:
 
         def run() -> Iterator[Segment]:
             nonlocal next_id
-            lps = self.log_probs([w for _, w in pending])
-            for (start, wave), lp in zip(pending, lps):
+            waves = [resample(w, VAD_RATE, sr) for _, w in pending]
+            lps = self.log_probs(waves)
+            for (start, _), wave, lp in zip(pending, waves, lps):
                 t = self.transcript_from_log_probs(lp, len(wave) / sr, options)
-                off = start / sr
+                off = start / VAD_RATE
                 words = [Word(w.word, w.start + off, w.end + off, w.confidence) for w in t.words]
                 yield Segment(next_id, off, off + len(wave) / sr, t.text, words, t.confidence)
                 next_id += 1
             pending.clear()
 
-        for block in iter_blocks(audio, block_seconds):
+        for block in iter_blocks(audio, block_seconds, sample_rate=VAD_RATE, input_rate=sample_rate or sr):
             if not np.all(np.isfinite(block)):
                 raise AudioError(f"{_name(audio)}: audio contains NaN or infinite samples", code="corrupt")
             for piece in seg.push(block):

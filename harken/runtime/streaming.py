@@ -4,6 +4,7 @@
     a = sm.new_session(endpoint=EndpointConfig(), word_timestamps=True)
     b = sm.new_session()
     a.accept_waveform(piece_a); b.accept_waveform(piece_b)  # float32 pieces of any size, at sm.sample_rate
+    #  (or accept_waveform(piece, sample_rate=48000): another rate, resampled per session)
     for s, results in zip([a, b], sm.step([a, b])):         # ONE batched forward for every ready session
         for r in results:
             send(s.id, r.as_dict())                         # partials, and finals at endpoints
@@ -646,6 +647,8 @@ class StreamSession:
         self._all_lp: list[torch.Tensor] = []
         self._energy: list[float] = []  # dBFS per output frame's block of samples
         self._acc = np.zeros(0, np.float32)
+        self._resampler = None  # soxr.ResampleStream from the client's rate, when it is not the model's
+        self._in_rate: int | None = None
 
     def reset(self) -> None:
         """Start over as a new stream (same id)."""
@@ -655,9 +658,11 @@ class StreamSession:
             self._reset_state()
 
     # ------------------------------------------------------------------------------ input
-    def accept_waveform(self, samples) -> None:
-        """Add float32 mono samples in [-1, 1] at the model's sample rate (any number, any thread).
-        Raises ValueError for multi-channel or non-finite input."""
+    def accept_waveform(self, samples, sample_rate: int | None = None) -> None:
+        """Add float32 mono samples in [-1, 1] (any number, any thread) at ``sample_rate`` (None:
+        the model's ``model.sample_rate``). Other rates are resampled on the fly, the resampler
+        carrying its state from piece to piece, so one stream keeps one input rate. Raises
+        ValueError for multi-channel or non-finite input, a bad rate, or a rate that changes."""
         x = np.asarray(samples, dtype=np.float32)
         if x.ndim > 1 and x.size != max(x.shape):
             raise ValueError(f"session {self.id}: expected mono samples, got an array of shape {x.shape}")
@@ -667,18 +672,53 @@ class StreamSession:
         with self._lock:
             if self._input_done:
                 raise RuntimeError(f"session {self.id}: accept_waveform() after input_finished()")
-            self.received += len(x)
-            if self.endpoint is not None and self.endpoint.silence != "blank":
-                self._add_energy(x)
-            f = self.features.accept(x)
-            if f.shape[0]:
-                self.feats = torch.cat([self.feats, f])
+            if sample_rate is not None:
+                x = self._from_rate(x, sample_rate)
+            elif self._in_rate is not None and self._in_rate != self.model.sample_rate:
+                raise ValueError(f"session {self.id}: samples without a sample_rate after samples at "
+                                 f"{self._in_rate} Hz; one stream keeps one input rate")
+            self._feed(x)
+
+    def _from_rate(self, x: np.ndarray, sample_rate) -> np.ndarray:
+        """``x`` at ``sample_rate`` -> samples at the model's rate (streamed through soxr)."""
+        ok = isinstance(sample_rate, (int, np.integer)) or (isinstance(sample_rate, float) and sample_rate.is_integer())
+        rate = int(sample_rate) if ok else 0
+        if not 1000 <= rate <= 384000:
+            raise ValueError(f"session {self.id}: sample_rate must be an integer in 1000..384000 Hz, "
+                             f"not {sample_rate!r}")
+        if self._in_rate is None:
+            self._in_rate = rate
+        elif rate != self._in_rate:
+            raise ValueError(f"session {self.id}: sample_rate changed from {self._in_rate} to {rate} Hz "
+                             "within one stream")
+        if rate == self.model.sample_rate:
+            return x
+        if self._resampler is None:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(rate, self.model.sample_rate, 1, dtype="float32", quality="HQ")
+        return np.asarray(self._resampler.resample_chunk(x, last=False), dtype=np.float32).reshape(-1)
+
+    def _feed(self, x: np.ndarray) -> None:
+        """Samples at the model's rate into the features (the lock is held)."""
+        if not len(x):
+            return
+        self.received += len(x)
+        if self.endpoint is not None and self.endpoint.silence != "blank":
+            self._add_energy(x)
+        f = self.features.accept(x)
+        if f.shape[0]:
+            self.feats = torch.cat([self.feats, f])
 
     def input_finished(self) -> None:
         """No more audio: the rest is decoded and the last segment flushed by the next steps."""
         with self._lock:
             if self._input_done:
                 return
+            if self._resampler is not None:  # the resampler's delayed tail
+                tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+                self._feed(np.asarray(tail, dtype=np.float32).reshape(-1))
+                self._resampler = None
             self._input_done = True
             f = self.features.finish()
             if f.shape[0]:
@@ -872,12 +912,13 @@ class StreamingDecoder:
                                               keep_log_probs=True)
         self._final: StreamResult | None = None
 
-    def accept_waveform(self, samples) -> list[StreamResult]:
-        """Add float32 samples at the model's rate; returns one partial result per chunk completed
-        (and a final per segment closed, with an endpoint)."""
+    def accept_waveform(self, samples, sample_rate: int | None = None) -> list[StreamResult]:
+        """Add float32 samples at ``sample_rate`` (None: the model's; others are resampled);
+        returns one partial result per chunk completed (and a final per segment closed, with an
+        endpoint)."""
         if self.session.input_done:
             raise RuntimeError("accept_waveform() after finish(); call reset() first")
-        self.session.accept_waveform(samples)
+        self.session.accept_waveform(samples, sample_rate)
         return self.model.run([self.session])[0]
 
     def finish(self) -> StreamResult:

@@ -98,15 +98,25 @@ def pcm_to_wave(data: bytes, encoding: str, rate: int, channels: int, sample_rat
 
 def split_long(wave: np.ndarray, max_segment: float, sample_rate: int = 16000) -> list[tuple[int, np.ndarray]]:
     """(start sample, piece) pieces of at most ``max_segment`` seconds, cut at pauses by the energy
-    VAD; audio no longer than ``max_segment`` is one piece (silence included). Blocking."""
+    VAD; audio no longer than ``max_segment`` is one piece (silence included). ``wave`` and the
+    pieces are at ``sample_rate`` (the model's); the VAD itself works at 16 kHz, so at other rates
+    the cuts are found on a 16 kHz copy and the pieces are cut from ``wave`` itself. Blocking."""
     if len(wave) <= max_segment * sample_rate:
         return [(0, wave)]
+    from harken.audio import resample
+    from harken.vad import SAMPLE_RATE as VAD_RATE
     from harken.vad import Segmenter
 
+    sr = int(sample_rate)
+    x = resample(wave, sr, VAD_RATE)
     seg = Segmenter(max_segment=max_segment)
-    block = 2 * sample_rate
+    block = 2 * VAD_RATE
     out: list[tuple[int, np.ndarray]] = []
-    for i in range(0, len(wave), block):
-        out.extend(seg.push(wave[i: i + block]))
+    for i in range(0, len(x), block):
+        out.extend(seg.push(x[i: i + block]))
     out.extend(seg.flush())
+    if sr != VAD_RATE:
+        scale = sr / VAD_RATE
+        out = [(s0, wave[s0: s0 + int(round(len(piece) * scale))])
+               for s0, piece in ((int(round(start * scale)), piece) for start, piece in out)]
     return out

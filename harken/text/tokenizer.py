@@ -10,7 +10,9 @@ from __future__ import annotations
 import abc
 import base64
 import io
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,6 +21,8 @@ UNK = "<unk>"
 BLANK_ID = 0
 UNK_ID = 1
 SPACE = "\u2581"  # ▁
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BLANK",
@@ -182,29 +186,37 @@ class BpeTokenizer(Tokenizer):
         out_file: str | os.PathLike | None = None,
     ) -> "BpeTokenizer":
         """Train on an iterable of normalized texts.  ``vocab_size`` includes
-        ``<blk>`` and ``<unk>``; it is a soft limit (a tiny corpus yields a
-        smaller vocabulary rather than an error)."""
+        ``<blk>`` and ``<unk>``; it is a soft limit: a text that supports fewer
+        pieces gets the largest vocabulary it gives (logged), not an error.  For
+        BPE that is the point where every word of the text is one piece, so a
+        small vocabulary (30 command words) asked for with a large
+        ``vocab_size`` yields word-level units.  A ``vocab_size`` below the
+        number of distinct characters (+2) raises ValueError."""
         import sentencepiece as spm
 
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise ValueError(f"{model_type} tokenizer: no training text (every transcript is empty)")
         buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(t for t in texts if t.strip()),
-            model_writer=buf,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=1.0,
-            pad_id=BLANK_ID,
-            pad_piece=BLANK,
-            unk_id=UNK_ID,
-            unk_piece=UNK,
-            bos_id=-1,
-            eos_id=-1,
-            hard_vocab_limit=False,
-            split_digits=True,
-            num_threads=2,
-            minloglevel=2,
-        )
+        try:
+            _train_sentencepiece(spm, texts, buf, vocab_size, model_type)
+        except RuntimeError as e:
+            m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+            if m:
+                raise ValueError(f"{model_type} tokenizer: vocab_size={m.group(1)} is smaller than the {m.group(2)} "
+                                 "pieces the training text needs at least (one per character and the word mark, "
+                                 f"plus <blk> and <unk>); use vocab_size >= {m.group(2)}, or tokenizer.kind=char"
+                                 ) from None
+            why = " ".join(str(e).split())
+            raise ValueError(f"{model_type} tokenizer: sentencepiece could not train on this text "
+                             f"(vocab_size={vocab_size}): {why[:300]}") from None
         tok = cls(buf.getvalue())
+        if tok.vocab_size < vocab_size:
+            words = {w for t in texts for w in t.split()}
+            whole = sum(len(tok.sp.encode(w, out_type=int)) == 1 for w in words)
+            log.info("%s tokenizer: vocab_size=%d is more than this text supports; using its largest vocabulary, "
+                     "%d pieces (%d of its %d distinct words are one piece each)", model_type, vocab_size,
+                     tok.vocab_size, whole, len(words))
         if out_file is not None:
             tok.save(out_file)
         return tok
@@ -246,6 +258,28 @@ class BpeTokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BpeTokenizer":
         return cls(base64.b64decode(d["model_proto"]))
+
+
+def _train_sentencepiece(spm, texts: list[str], writer, vocab_size: int, model_type: str) -> None:
+    """sentencepiece with harken's id layout (``<blk>`` 0 as its pad piece, ``<unk>`` 1, no
+    BOS/EOS) and ``hard_vocab_limit=False`` (``vocab_size`` is an upper bound)."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=writer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        pad_id=BLANK_ID,
+        pad_piece=BLANK,
+        unk_id=UNK_ID,
+        unk_piece=UNK,
+        bos_id=-1,
+        eos_id=-1,
+        hard_vocab_limit=False,
+        split_digits=True,
+        num_threads=2,
+        minloglevel=2,
+    )
 
 
 def build_tokenizer(
