@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def train_cmd(base: str, steps: int, exp: Path, threads: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-c", "import sys; from harken.cli import main; sys.exit(main())", "train", "--config", base,
+    run = "import sys; from harken.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", run, "train", "--config", base,
             f"train.exp_dir={exp}", f"train.max_steps={steps}", "train.max_minutes=null",
             f"train.num_threads={threads}", "train.eval_every=0", "train.average_last=0",
             "train.progress=false", "train.tensorboard=false", f"train.checkpoint_every={steps}",

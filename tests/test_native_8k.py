@@ -96,7 +96,8 @@ def test_config_takes_8000_and_16000_and_refuses_other_rates():
     with pytest.raises(ConfigError, match="disagrees with model.fbank.sample_rate=8000"):
         load_config(None, ["model.fbank.sample_rate=8000", "data.augment.sample_rate=16000"])
     with pytest.raises(ConfigError, match="pretrained on 16000 Hz"):
-        load_config(None, ["model.encoder.type=wav2vec2", "model.encoder.pretrained=/m", "model.fbank.sample_rate=8000"])
+        load_config(None, ["model.encoder.type=wav2vec2", "model.encoder.pretrained=/m",
+                           "model.fbank.sample_rate=8000"])
 
 
 # --------------------------------------------------------------------------------------- training
