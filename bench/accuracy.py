@@ -21,14 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harken.data.manifest import read_manifest  # noqa: E402
-from harken.evaluate import decode_records, error_report  # noqa: E402
+from harken.evaluate import decode_records, error_report, record_field  # noqa: E402
 from harken.runtime import DecodeOptions, Engine  # noqa: E402
 
 
 def field_value(rec, name: str) -> str:
-    if name in ("speaker", "group"):
-        return str(getattr(rec, name) or "?")
-    return str(rec.extra.get(name, "?"))
+    return record_field(rec, name) or "?"
 
 
 def main(argv=None) -> int:
