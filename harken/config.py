@@ -167,6 +167,10 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # torchrun runs: a collective waiting longer for a peer fails with a clear error
     # exponential moving average of the weights (e.g. 0.999), kept in fp32, written as ema.pt; 0 = off
     ema_decay: float = field(default=0.0, metadata={"range": "[0,1)"})
+    # fine-tune the top model.encoder.trainable_layers of a pretrained encoder on stored outputs of the
+    # frozen layers below (harken.train.feature_store); views: 1 unaugmented pass + N-1 augmented ones
+    feature_store: bool = False
+    feature_store_views: int = field(default=1, metadata={"range": ">=1"})
 
 
 @dataclass
@@ -237,6 +241,8 @@ RULES: dict[type, dict[str, dict[str, Any]]] = {
         "layerdrop": {"range": "[0,1)"},
         "mask_time_prob": {"range": "[0,1)"},
         "encoder_lr_scale": {"range": ">0"},
+        "trainable_layers": {"range": ">=-1"},
+        "layer_lr_decay": {"range": ">0"},
     },
     FbankConfig: {
         "sample_rate": {"choices": MODEL_SAMPLE_RATES,  # harken.audio.MODEL_SAMPLE_RATES

@@ -56,6 +56,9 @@ def test_normalize_text():
     assert normalize_text("twenty-five") == "twenty five"
     assert normalize_text("  ''  ") == ""
     assert normalize_text("room 42", expand_numbers=False) == "room"
+    # titles with one spoken form are written as spoken; look-alike words are left alone
+    assert normalize_text("Mr. Dashwood and MRS Smith") == "mister dashwood and missus smith"
+    assert normalize_text("Dr. Mrx smr") == "dr mrx smr"
 
 
 def test_textgen_deterministic_and_normalized():
@@ -253,3 +256,47 @@ def test_tiny_corpus_build_resume_and_determinism(tmp_path):
     s5 = synthesize_corpus(_tiny(seed=2), str(out), jobs=1, progress=False)
     assert s5["skipped"] == 0 and s5["synthesized"] == 24
     assert _manifests(out) != before
+
+
+FORTUNES = """A banker is a fellow who lends you his umbrella when the sun is shining.
+\t\t-- Mark Twain
+%
+int main(void) { return 0; }
+%
+Never put off till tomorrow what you can do the day after tomorrow.  Mr. Smith said so!
+%
+ok
+%
+   /\\_/\\
+  ( o.o )
+%
+"""
+
+
+def test_text_files_give_speakable_sentences_and_mix_into_train_only(tmp_path):
+    from harken.data.corpus.textfile import read_sentences
+
+    f = tmp_path / "quotes"
+    f.write_text(FORTUNES)
+    (tmp_path / "plain.txt").write_text("The first paragraph has two sentences. Here is the second one!\n\n"
+                                        "See https://example.com for more.\n")
+    got = read_sentences([f, tmp_path / "plain.txt"])
+    assert got == sorted({
+        "a banker is a fellow who lends you his umbrella when the sun is shining",  # attribution dropped
+        "never put off till tomorrow what you can do the day after tomorrow",
+        "mister smith said so",
+        "the first paragraph has two sentences", "here is the second one"})  # no code, art, URL, 1-word line
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_sentences([tmp_path / "nope"])
+
+    vs = _fake_voices()
+    base = CorpusConfig(seed=3, train_utts=20, dev_utts=10, test_seen_utts=10, test_unseen_utts=10)
+    mixed = CorpusConfig(seed=3, train_utts=20, dev_utts=10, test_seen_utts=10, test_unseen_utts=10,
+                         text_files=[str(f), str(tmp_path / "plain.txt")], text_share=0.2)
+    a, b = plan_corpus(base, vs), plan_corpus(mixed, vs)
+    from_file = [x.text for x in b["utterances"]["train"] if x.text in set(got)]
+    assert len(from_file) == 4  # 0.2 x 20
+    for split in ("dev", "test_seen", "test_unseen"):  # only train changes
+        assert [x.text for x in a["utterances"][split]] == [x.text for x in b["utterances"][split]]
+    with pytest.raises(SynthesisError, match="needs text_files"):
+        CorpusConfig(text_share=0.5)

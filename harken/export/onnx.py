@@ -271,20 +271,24 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, vari
     model, tok, cfg = load_checkpoint_model(checkpoint)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if getattr(model, "frontend", None) is None:
-        raise ExportError("the model has no feature frontend; nothing to export as a recognizer")
     enc_type = cfg.model.encoder.type
+    wave_in = bool(getattr(model.encoder, "takes_waveform", False))  # e.g. whisper: its log-mel is inside
+    if getattr(model, "frontend", None) is None and not wave_in:
+        raise ExportError("the model has no feature frontend; nothing to export as a recognizer")
     min_frames = _min_feature_frames(model)
     fb = cfg.model.fbank
 
     if variant == "wave":
         net = _WaveCtc(model).eval()
-        min_in = _min_samples(fb, min_frames) if enc_type != "wav2vec2" else 400
+        min_in = _min_samples(fb, min_frames) if not (wave_in or enc_type == "wav2vec2") else 400
         n_ex = max(min_in, int(1.3 * fb.sample_rate))
         args = (torch.randn(2, n_ex) * 0.1, torch.tensor([n_ex, n_ex - 3000 if n_ex > min_in + 3000 else n_ex]))
         names_in, time_max = ["waveform", "waveform_lens"], int(fb.sample_rate) * 3600
+        max_s = getattr(model.encoder, "max_input_seconds", None)  # whisper: its 30 s position table
+        if max_s:
+            time_max = int(max_s * fb.sample_rate)
     else:
-        if enc_type == "wav2vec2":
+        if wave_in or enc_type == "wav2vec2":
             raise ExportError("sherpa-wenet needs an fbank-input encoder; a wav2vec2 encoder reads the waveform "
                               "(export --format onnx instead)")
         _check_sherpa_fbank(fb, force)

@@ -76,6 +76,10 @@ class EncoderConfig:
     layerdrop: float = 0.05  # probability of skipping each transformer layer while training
     mask_time_prob: float = 0.05  # wav2vec2's own time masking of the projected features
     encoder_lr_scale: float = 0.1  # encoder learning rate = optim.lr * this (the CTC head gets optim.lr)
+    # type="whisper" only: how many top layers train (-1: all; 0: the encoder frozen, the CTC head alone),
+    # and layer-wise learning-rate decay (layer i of n at optim.lr x encoder_lr_scale x decay ** (n-1-i))
+    trainable_layers: int = -1
+    layer_lr_decay: float = 1.0
 
     def __post_init__(self) -> None:
         # cross-field checks of the layer options (a ValueError reaches the user as a ConfigError)
@@ -95,6 +99,10 @@ class EncoderConfig:
         if (tr or self.interctc_layers) and not _supports_layer_options(self.type):
             raise ValueError(f"time_reduce_layers / interctc_layers need a conformer or transformer encoder, "
                              f"not type={self.type!r}")
+
+        if (self.trainable_layers >= 0 or self.layer_lr_decay != 1.0) and self.type != "whisper":
+            raise ValueError(f"trainable_layers / layer_lr_decay apply to the whisper encoder, not type={self.type!r} "
+                             "(wav2vec2: freeze_feature_encoder and encoder_lr_scale)")
 
     @property
     def channels(self) -> int:

@@ -14,6 +14,10 @@ _DIGITS = re.compile(r"\d+")
 _NOT_ALLOWED = re.compile(r"[^a-z' ]+")
 _EDGE_APOS = re.compile(r"(?<![a-z])'+|'+(?![a-z])")
 _SPACES = re.compile(r" +")
+# titles that have one spoken form (what a TTS voice says and a listener writes); "dr" (doctor/drive)
+# and "st" (saint/street) are ambiguous and stay as written
+_TITLES = re.compile(r"\b(mr|mrs)\b\.?")
+_TITLE_WORDS = {"mr": "mister", "mrs": "missus"}
 
 
 def normalize_text(s: str, expand_numbers: bool = True) -> str:
@@ -22,11 +26,13 @@ def normalize_text(s: str, expand_numbers: bool = True) -> str:
     Accented letters are folded to ASCII ("café" -> "cafe"). With ``expand_numbers`` runs of digits
     are spelled out as a cardinal ("3 cats" -> "three cats"), otherwise they are dropped. Every other
     character (punctuation, hyphens, symbols) becomes a word break; apostrophes survive only between
-    letters ("don't" stays, "'quoted'" loses them).
+    letters ("don't" stays, "'quoted'" loses them). "Mr."/"Mrs." are written as spoken ("mister",
+    "missus"), so a recogniser is not scored wrong for the abbreviation.
     """
     s = unicodedata.normalize("NFKD", str(s)).translate(_APOS)
     s = "".join(c for c in s if not unicodedata.combining(c))
     s = s.lower()
+    s = _TITLES.sub(lambda m: _TITLE_WORDS[m.group(1)], s)
     if expand_numbers:
         s = _DIGITS.sub(lambda m: " " + _digits_to_words(m.group(0)) + " ", s)
     s = _NOT_ALLOWED.sub(" ", s)

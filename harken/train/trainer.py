@@ -1102,6 +1102,10 @@ def setup(cfg: ExperimentConfig) -> Run:
 def train(cfg: ExperimentConfig) -> Run:
     """Build, resume if possible, train, save, evaluate. Under torchrun, failures are also written to
     torchrun's error file so its summary names the rank that failed first."""
+    if cfg.train.feature_store:  # the frozen lower layers run once (harken.train.feature_store)
+        from harken.train.feature_store import train_feature_store
+
+        return train_feature_store(cfg)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         from torch.distributed.elastic.multiprocessing.errors import record
 

@@ -144,6 +144,10 @@ class CorpusConfig:
     floor_snr_db: tuple[float, float] | None = FLOOR_SNR_RANGE  # None: no noise floor
     codec_fraction: float = 0.1  # of train utterances, through a codec round trip
     codecs: tuple[str, ...] = CODECS
+    # real English text (harken.data.corpus.textfile): text_share of the train sentences are drawn from
+    # these files instead of the templates (dev and the test sets stay template text)
+    text_files: list[str] | None = None
+    text_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.engine_shares is not None:
@@ -156,6 +160,10 @@ class CorpusConfig:
             self.engine_shares = shares
         if self.piper_fraction is not None and not 0.0 <= float(self.piper_fraction) <= 1.0:
             raise SynthesisError(f"corpus piper_fraction must be in [0, 1], got {self.piper_fraction}")
+        if not 0.0 <= float(self.text_share) <= 1.0:
+            raise SynthesisError(f"corpus text_share must be in [0, 1], got {self.text_share}")
+        if self.text_share > 0 and not self.text_files:
+            raise SynthesisError("corpus text_share > 0 needs text_files (--text-file)")
         if self.espeak_variants not in ("wide", "listed"):
             raise SynthesisError(f"corpus espeak_variants must be 'wide' or 'listed', got {self.espeak_variants!r}")
         self.speed_range = _pair(self.speed_range, "speed_range")
@@ -411,6 +419,25 @@ def _listed_espeak(voices: list[Voice], rng: random.Random):
     return draw
 
 
+def _mix_text_files(train: list[str], cfg: CorpusConfig, warnings: list[str]) -> list[str]:
+    """``train`` with its first ``text_share`` sentences replaced by sentences of ``cfg.text_files``
+    (drawn in a seeded order; sentences of the other splits are never used)."""
+    from .textfile import read_sentences
+
+    try:
+        pool = read_sentences(cfg.text_files)
+    except FileNotFoundError as e:
+        raise SynthesisError(str(e)) from None
+    random.Random(f"harken-textfile-{cfg.seed}").shuffle(pool)
+    k = int(round(cfg.text_share * len(train)))
+    if len(pool) < k:
+        warnings.append(f"text files hold {len(pool)} usable sentences, fewer than the {k} asked for")
+        k = len(pool)
+    if k == 0 and cfg.text_share > 0:
+        raise SynthesisError(f"no usable sentence in the text files {cfg.text_files}")
+    return pool[:k] + train[k:]
+
+
 def plan_corpus(cfg: CorpusConfig, voices: list[Voice] | None = None,
                 available_codecs: set[str] | None = None) -> dict:
     """Everything about the corpus except the audio: texts, voices, prosody, levels, channels per split.
@@ -444,6 +471,8 @@ def plan_corpus(cfg: CorpusConfig, voices: list[Voice] | None = None,
     wide = cfg.espeak_variants == "wide" and bool(train_espeak) and \
         (cfg.voices is None or "espeak" in cfg.voices)
     texts = make_splits(counts, cfg.seed)
+    if cfg.text_files and cfg.text_share > 0:
+        texts["train"] = _mix_text_files(texts["train"], cfg, warnings)
     utts: dict[str, list[Utterance]] = {}
     seen_espeak: list[Voice] = []
     for split in SPLITS:
