@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= $(shell nproc)
 DEMO_CFG ?= configs/demo.yaml
 
-.PHONY: demo demo-pretrained realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
+.PHONY: demo demo-pretrained textcorpus realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(STAMP)
 voices-apt:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts ffmpeg >/dev/null) \
+	    flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts ffmpeg fortunes >/dev/null) \
 	  || echo "voices-apt: apt-get failed; continuing with pip voices only"; \
 	else echo "voices-apt: not root or no apt-get; continuing with pip voices only"; fi
 
@@ -40,6 +40,16 @@ test-apt:
 
 synth: $(STAMP) voices-apt
 	$(BIN)/harken synth --out data/corpus --noise-dir data/noise --jobs $(JOBS)
+
+# 3,000 more train utterances whose text is real English (Debian's fortunes: quotations, prose; see
+# harken/data/corpus/textfile.py), voiced like the corpus: the template text knows only ~1,500 words
+FORTUNES := /usr/share/games/fortunes
+TEXT_FILES := $(foreach f,literature wisdom people humorists platitudes fortunes love men-women miscellaneous \
+  work education food pets kids sports science law medicine politics news songs-poems riddles paradoxum tao art,$(FORTUNES)/$(f))
+textcorpus: $(STAMP) voices-apt
+	@if [ -d $(FORTUNES) ]; then $(BIN)/harken synth --out data/textcorpus --train-utts 3000 --dev-utts 0 \
+	  --test-utts 0 --text-share 1.0 $(foreach f,$(TEXT_FILES),--text-file $(f)) --jobs $(JOBS) --quiet; \
+	else echo "textcorpus: $(FORTUNES) is missing (apt-get install fortunes); training on the template corpus only"; fi
 
 train: $(STAMP)
 	$(BIN)/harken train --config $(DEMO_CFG)
@@ -83,8 +93,9 @@ demo: synth realdev train eval transcribe
 # corpus through a feature store (docs/pretrained.md); its WER beside the from-scratch Conformer's (when
 # `make demo` has trained one) on the synthetic test sets and real dev
 WHISPER_CFG ?= configs/whisper-tiny-ctc.yaml
-demo-pretrained: $(STAMP) synth realdev
-	$(BIN)/harken train --config $(WHISPER_CFG)
+demo-pretrained: $(STAMP) synth textcorpus realdev
+	$(BIN)/harken train --config $(WHISPER_CFG) $$([ -f data/textcorpus/train.jsonl ] || \
+	  echo "data.train=[data/corpus/train.jsonl]")
 	$(BIN)/python bench/accuracy.py --model whisper-ctc=exp/whisper-tiny-ctc/best.pt \
 	  $$([ -f exp/demo/best.pt ] && echo --model conformer=exp/demo/best.pt) \
 	  --set test_seen=data/corpus/test_seen.jsonl --set test_unseen=data/corpus/test_unseen.jsonl \

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                 rows = [("all", refs, hyps)]
                 if args.group_by:
                     vals = sorted({field_value(r, args.group_by) for r in recs})
-                    for v in vals:
+                    for v in vals if vals != ["?"] else []:  # a set without the field: its "all" row only
                         idx = [i for i, r in enumerate(recs) if field_value(r, args.group_by) == v]
                         rows.append((v, [refs[i] for i in idx], [hyps[i] for i in idx]))
                 for gname, rr, hh in rows:
