@@ -289,7 +289,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, vari
             time_max = int(max_s * fb.sample_rate)
     else:
         if wave_in or enc_type == "wav2vec2":
-            raise ExportError("sherpa-wenet needs an fbank-input encoder; a wav2vec2 encoder reads the waveform "
+            raise ExportError(f"sherpa-wenet needs an fbank-input encoder; a {enc_type} encoder reads the waveform "
                               "(export --format onnx instead)")
         _check_sherpa_fbank(fb, force)
         net = _FeatsCtc(model).eval()
