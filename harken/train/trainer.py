@@ -957,6 +957,21 @@ def prepare_cmvn(cfg: ExperimentConfig, records: list[Record], exp_dir: Path, in
 
 
 # ------------------------------------------------------------------------------------ main
+def make_tokenizer(cfg: ExperimentConfig, records: list[Record], exp_dir: Path, resume_obj: dict | None,
+                   info: DistInfo):
+    """From the checkpoint when resuming, else from ``tokenizer.path``, else built from the training text
+    by rank 0 into exp_dir/tokenizer (the other ranks wait and read it)."""
+    if resume_obj is not None:
+        return tokenizer_from_dict(resume_obj["tokenizer"])
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    if info.is_main:
+        build_tokenizer(cfg.tokenizer.kind, [normalize_text(r.text) for r in records],
+                        cfg.tokenizer.vocab_size, exp_dir / "tokenizer")
+    barrier(info)
+    return load_tokenizer(exp_dir / "tokenizer")
+
+
 def setup(cfg: ExperimentConfig) -> Run:
     from harken.config import validate
 
@@ -995,17 +1010,7 @@ def setup(cfg: ExperimentConfig) -> Run:
         resume_path = ckpt.wait_for_file(resume_path)
     resume_obj = ckpt.load_checkpoint(resume_path) if resume_path else None
 
-    # tokenizer: from the checkpoint when resuming, else from a given path, else built from the text
-    if resume_obj is not None:
-        tokenizer = tokenizer_from_dict(resume_obj["tokenizer"])
-    elif cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-    else:
-        if info.is_main:
-            build_tokenizer(cfg.tokenizer.kind, [normalize_text(r.text) for r in records],
-                            cfg.tokenizer.vocab_size, exp_dir / "tokenizer")
-        barrier(info)
-        tokenizer = load_tokenizer(exp_dir / "tokenizer")
+    tokenizer = make_tokenizer(cfg, records, exp_dir, resume_obj, info)
 
     # CMVN: from a given file, else estimated (rank 0 writes it, others read it), never stale
     cmvn = prepare_cmvn(cfg, records, exp_dir, info, resuming=resume_obj is not None)
