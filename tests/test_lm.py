@@ -133,6 +133,28 @@ def test_cli_lm_build(tmp_path, capsys):
         build_lm(tmp_path / "t.txt", 1, tmp_path / "x.arpa")
 
 
+def test_cli_lm_build_joins_text_manifests_and_prose(tmp_path, capsys):
+    """--text, --manifest (its transcripts) and --sentences (prose cut into sentences) all feed one LM;
+    a missing file or no text at all is a one-line user error."""
+    from harken.data.manifest import Record, write_manifest
+
+    (tmp_path / "t.txt").write_text("the cat sat\n")
+    write_manifest(tmp_path / "m.jsonl", [Record("u1", "a.wav", 1.0, "a zebra ran home")])
+    (tmp_path / "prose").write_text("Ships sailed north. Rain fell all night!\n\t\t-- A. Writer\n%\n"
+                                    "The quartermaster counted barrels.\n%\n")
+    assert run_cli(["lm", "build", "--text", str(tmp_path / "t.txt"), "--manifest", str(tmp_path / "m.jsonl"),
+                    "--sentences", str(tmp_path / "prose"), "--order", "2", "--out", str(tmp_path / "lm.arpa"),
+                    "--builtin"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["lines"] == 5
+    vocab = ArpaLM.load(tmp_path / "lm.arpa").vocab
+    assert {"cat", "zebra", "ships", "rain", "quartermaster"} <= vocab and "writer" not in vocab  # attribution dropped
+    with pytest.raises(ValueError, match="needs training text"):
+        run_cli(["lm", "build", "--out", str(tmp_path / "x.arpa")])
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        run_cli(["lm", "build", "--manifest", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x.arpa")])
+
+
 def test_grid_search_picks_lm_weight_that_fixes_errors(tmp_path):
     """Acoustics slightly prefer "b a" where the reference says "a b"; an LM trained on "a b" fixes
     it once its weight is large enough."""

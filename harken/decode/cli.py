@@ -54,14 +54,48 @@ def decode_config_from_args(a: argparse.Namespace):
 
 
 # ------------------------------------------------------------------------------------ lm build
+def lm_training_text(texts=(), manifests=(), sentence_files=()) -> list[str]:
+    """Lines for an LM: text files (one sentence per line), the transcripts of manifests, and the
+    sentences of prose / fortune files (cut and filtered by :func:`harken.data.corpus.textfile.read_sentences`,
+    the rule ``harken synth --text-file`` uses, but any length from 1 word up to 60)."""
+    from harken.data.manifest import read_manifest
+
+    lines: list[str] = []
+    for t in texts:
+        if not Path(t).is_file():
+            raise FileNotFoundError(f"text file {t} not found")
+        with open(t, encoding="utf-8") as f:
+            lines += [x.strip() for x in f if x.strip()]
+    for m in manifests:
+        if not Path(m).is_file():
+            raise FileNotFoundError(f"manifest {m} not found")
+        lines += [r.text for r in read_manifest(m) if r.text.strip()]
+    if sentence_files:
+        from harken.data.corpus.textfile import read_sentences
+
+        for t in sentence_files:
+            if not Path(t).is_file():
+                raise FileNotFoundError(f"sentence file {t} not found")
+        lines += read_sentences(sentence_files, min_words=1, max_words=60)
+    return lines
+
+
 def cmd_lm_build(a) -> int:
+    import tempfile
+
     from harken.decode.lm import build_lm
 
-    if not Path(a.text).exists():
-        raise FileNotFoundError(f"text file {a.text} not found")
+    if not (a.text or a.manifest or a.sentences):
+        raise ValueError("harken lm build needs training text: --text, --manifest or --sentences (each repeatable)")
+    lines = lm_training_text(a.text, a.manifest, a.sentences)
+    if not lines:
+        raise ValueError("the LM's training text is empty (no non-blank line in --text/--manifest/--sentences)")
     t0 = time.time()
     use = False if a.builtin else None
-    which = build_lm(a.text, a.order, a.out, normalize=not a.no_normalize, use_lmplz=use)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "lm_text.txt"
+        text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        which = build_lm(str(text), a.order, a.out, normalize=not a.no_normalize, use_lmplz=use)
     counts = []
     with open(a.out, encoding="utf-8") as f:
         for line in f:
@@ -69,7 +103,7 @@ def cmd_lm_build(a) -> int:
                 counts.append(int(line.split("=")[1]))
             elif line.startswith("\\1-grams"):
                 break
-    print(json.dumps({"arpa": str(a.out), "order": a.order, "estimator": which, "ngrams": counts,
+    print(json.dumps({"arpa": str(a.out), "order": a.order, "estimator": which, "lines": len(lines), "ngrams": counts,
                       "seconds": round(time.time() - t0, 2)}))
     return 0
 
@@ -104,7 +138,11 @@ def add_commands(sub) -> None:
     s = sub.add_parser("lm", help="word n-gram language models")
     lsub = s.add_subparsers(dest="lm_cmd", required=True)
     b = lsub.add_parser("build", help="estimate an interpolated modified Kneser-Ney ARPA model")
-    b.add_argument("--text", required=True, help="training text, one sentence per line")
+    b.add_argument("--text", action="append", default=[], help="training text, one sentence per line; repeatable")
+    b.add_argument("--manifest", action="append", default=[],
+                   help="a manifest whose transcripts join the text; repeatable")
+    b.add_argument("--sentences", action="append", default=[], metavar="FILE",
+                   help="prose or a fortune file, cut into sentences (as harken synth --text-file); repeatable")
     b.add_argument("--order", type=int, default=3)
     b.add_argument("--out", required=True, help="ARPA file to write")
     b.add_argument("--no-normalize", action="store_true", help="use lines as they are (no normalize_text)")
