@@ -94,7 +94,7 @@ demo: synth realdev train eval transcribe
 # `make demo` has trained one) on the synthetic test sets and real dev
 WHISPER_CFG ?= configs/whisper-tiny-ctc.yaml
 WH_EXP := exp/whisper-tiny-ctc
-# its LM: a 4-gram on the training transcripts + every sentence of the same fortune files (about 20,000
+# its LM: a 4-gram on the training transcripts + every sentence of the same fortune files (about 23,000
 # lines of English; none shares a 5-gram with real dev), weights chosen by `harken tune` on synthetic dev
 WH_LM_ARGS := --decode beam_lm --lm $(WH_EXP)/lm4.arpa --lm-weight 1.0 --word-bonus 4 --beam-size 16
 demo-pretrained: $(STAMP) synth textcorpus realdev
