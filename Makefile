@@ -96,7 +96,8 @@ WHISPER_CFG ?= configs/whisper-tiny-ctc.yaml
 WH_EXP := exp/whisper-tiny-ctc
 # its LM: a 4-gram on the training transcripts + every sentence of the same fortune files (about 23,000
 # lines of English; none shares a 5-gram with real dev), weights chosen by `harken tune` on synthetic dev
-WH_LM_ARGS := --decode beam_lm --lm $(WH_EXP)/lm4.arpa --lm-weight 1.0 --word-bonus 4 --beam-size 16
+WH_LM_W := --lm-weight 1.0 --word-bonus 4
+WH_LM_ARGS := --decode beam_lm --lm $(WH_EXP)/lm4.arpa $(WH_LM_W) --beam-size 16
 demo-pretrained: $(STAMP) synth textcorpus realdev
 	$(BIN)/harken train --config $(WHISPER_CFG) $$([ -f data/textcorpus/train.jsonl ] || \
 	  echo "data.train=[data/corpus/train.jsonl]")
@@ -107,7 +108,7 @@ demo-pretrained: $(STAMP) synth textcorpus realdev
 	  $$([ -f exp/demo/best.pt ] && echo --model conformer=exp/demo/best.pt) \
 	  --set test_seen=data/corpus/test_seen.jsonl --set test_unseen=data/corpus/test_unseen.jsonl \
 	  $$([ -f data/realdev/realdev.jsonl ] && echo --set realdev=data/realdev/realdev.jsonl) \
-	  --lm $(WH_EXP)/lm4.arpa --lm-weight 1.0 --word-bonus 4 --json $(WH_EXP)/accuracy.json
+	  --lm $(WH_EXP)/lm4.arpa $(WH_LM_W) --json $(WH_EXP)/accuracy.json
 	@echo "== beam search + 4-gram LM (the best decoding)"
 	$(BIN)/harken transcribe --checkpoint $(WH_EXP)/best.pt $(WH_LM_ARGS) $(DEMO_WAVS)
 	@echo "== greedy"

@@ -192,6 +192,7 @@ def cmd_train(a) -> int:
         print(json.dumps({"exp_dir": str(run.exp_dir), "steps": st.step, "epochs": st.epoch,
                           "best_dev_wer": None if st.best_step < 0 else round(st.best_wer, 4),
                           "best_step": st.best_step, "nonfinite_skipped": st.nonfinite_skipped,
+                          "train_seconds": round(st.train_seconds, 1),
                           "audio_seconds_per_second": round(st.audio_seconds / max(1e-9, st.train_seconds), 2)}))
     return 0
 

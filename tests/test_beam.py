@@ -236,8 +236,8 @@ def test_hotword_boost_recovers_missed_names_in_real_speech(tiny_corpus, tmp_pat
     right, at 80 another still missed some; so the test trains 120 steps with a checkpoint every 10 and
     uses the latest checkpoint that still misses at least 2 names; ~1 min on 2 cores: hence slow).
     Boosting each missed name (1.0 per token) must make the beam search output it in most of those
-    utterances, while boosting it on the utterances that do
-    not contain it must (almost) never insert it, and the WER over the boosted utterances must drop."""
+    utterances, while boosting it on the utterances that do not contain it must (almost) never insert
+    it, and the WER over the boosted utterances must drop."""
     import sys
     from pathlib import Path
 
