@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--word-bonus", type=float, default=4.0)
     ap.add_argument("--beam-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rescore", default=None, metavar="WHISPER_DIR",
+                    help="also rescore the beam_lm n-best with Whisper's decoder (harken.decode.rescore): a "
+                         "CTranslate2 Whisper dir / pkg:PACKAGE/DIR for every model, or 'auto': each Whisper-CTC "
+                         "model's own (other models skip it)")
+    ap.add_argument("--rescore-weight", type=float, default=1.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -48,12 +53,24 @@ def main(argv=None) -> int:
     if args.lm:
         decodes.append(("beam_lm", DecodeOptions(method="beam_lm", lm_path=args.lm, lm_weight=args.lm_weight,
                                                  word_bonus=args.word_bonus, beam_size=args.beam_size)))
+    if args.rescore and not args.lm:
+        ap.error("--rescore rescores the beam_lm n-best: give --lm too")
+    if args.rescore:
+        decodes.append(("beam_lm+rescore", decodes[-1][1].with_(rescore=args.rescore,
+                                                                rescore_weight=args.rescore_weight)))
     records = {name: read_manifest(path) for name, path in sets}
     results = []
     for mname, path in models:
         eng = Engine.load(path, num_threads=args.threads)
+        model_decodes = decodes
+        if args.rescore:
+            try:
+                eng.rescorer(decodes[-1][1])
+            except ValueError as e:
+                print(f"{mname}: no rescoring ({e})", file=sys.stderr)
+                model_decodes = decodes[:-1]
         for sname, recs in records.items():
-            for dname, opts in decodes:
+            for dname, opts in model_decodes:
                 t0 = time.perf_counter()
                 hyps = decode_records(eng, recs, opts)
                 dt = time.perf_counter() - t0

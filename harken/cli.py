@@ -213,7 +213,10 @@ def _engine(path: str, threads: int = 0, backend: str = "auto", decode_cfg=None)
     from harken.runtime import DecodeOptions, Engine
 
     opts = DecodeOptions.from_config(decode_cfg)
-    return Engine.load(path, backend=backend, num_threads=threads or None, options=opts)
+    eng = Engine.load(path, backend=backend, num_threads=threads or None, options=opts)
+    if opts.rescore:  # load the rescorer before any audio: a bad reference is one line, up front
+        eng.rescorer(opts)
+    return eng
 
 
 def cmd_eval(a) -> int:

@@ -30,6 +30,10 @@ class DecodeConfig:
     nbest: int = 1
     topk: int = 8  # non-blank tokens expanded per frame (0: all)
     blank_skip: float = 0.999  # frames with P(blank) above this count as pure blank (1.0: off)
+    # second pass (the Engine's): Whisper's decoder rescores the rescore_nbest best (harken.decode.rescore)
+    rescore: str | None = None  # CTranslate2 Whisper dir, pkg:PACKAGE/DIR, or "auto" (a Whisper-CTC model's)
+    rescore_weight: float = 1.0
+    rescore_nbest: int = 16
 
     def validate(self) -> "DecodeConfig":
         if self.method not in METHODS:
@@ -40,6 +44,8 @@ class DecodeConfig:
             raise ValueError("hotwords need decode method beam or beam_lm")
         if self.beam_size < 1:
             raise ValueError("beam_size must be >= 1")
+        if self.rescore and self.method == "greedy":
+            raise ValueError("rescoring needs decode method beam or beam_lm (an n-best list to rescore)")
         return self
 
 

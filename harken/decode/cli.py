@@ -33,6 +33,13 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hotword", action="append", default=[], metavar="PHRASE[:BOOST]",
                    help="bias the beam search towards PHRASE, BOOST per token (default 2.0); repeatable")
     g.add_argument("--hotwords-file", default=None, help="file with one PHRASE[:BOOST] per line")
+    g.add_argument("--rescore", default=None, metavar="WHISPER_DIR",
+                   help="rescore the beam's n-best with Whisper's decoder: a CTranslate2 Whisper directory, "
+                        "pkg:PACKAGE/DIR, or 'auto' (a Whisper-CTC model's own); implies --decode beam")
+    g.add_argument("--rescore-weight", type=float, default=None,
+                   help="weight of Whisper's log-probability against the beam's score (default 1.0)")
+    g.add_argument("--rescore-nbest", type=int, default=None,
+                   help="candidates rescored (default 16; the beam gives at most --beam-size)")
 
 
 def decode_config_from_args(a: argparse.Namespace):
@@ -44,13 +51,25 @@ def decode_config_from_args(a: argparse.Namespace):
         with open(a.hotwords_file, encoding="utf-8") as f:
             specs += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     hot = [parse_hotword(s) for s in specs]
-    method = a.decode or ("beam_lm" if a.lm else ("beam" if hot else "greedy"))
+    rescore = getattr(a, "rescore", None)
+    method = a.decode or ("beam_lm" if a.lm else ("beam" if hot or rescore else "greedy"))
     if method == "beam_lm" and not a.lm:
         raise ValueError("--decode beam_lm needs --lm PATH")
     if a.lm and not Path(a.lm).exists():
         raise FileNotFoundError(f"language model {a.lm} not found")
+    if rescore is None and (getattr(a, "rescore_weight", None) is not None or getattr(a, "rescore_nbest", None)):
+        raise ValueError("--rescore-weight / --rescore-nbest need --rescore")
+    if rescore and rescore != "auto" and not rescore.startswith("pkg:") and not Path(rescore).is_dir():
+        raise FileNotFoundError(f"--rescore {rescore}: no such directory")
+    extra = {}
+    if rescore:
+        from harken.decode.rescore import DEFAULT_RESCORE_NBEST, DEFAULT_RESCORE_WEIGHT
+
+        w, n = getattr(a, "rescore_weight", None), getattr(a, "rescore_nbest", None)
+        extra = dict(rescore=rescore, rescore_weight=DEFAULT_RESCORE_WEIGHT if w is None else w,
+                     rescore_nbest=DEFAULT_RESCORE_NBEST if n is None else n)
     return DecodeConfig(method=method, beam_size=a.beam_size, lm_path=a.lm, lm_weight=a.lm_weight,
-                        word_bonus=a.word_bonus, hotwords=hot).validate()
+                        word_bonus=a.word_bonus, hotwords=hot, **extra).validate()
 
 
 # ------------------------------------------------------------------------------------ lm build
@@ -129,8 +148,45 @@ def cmd_tune(a) -> int:
                             table=table)
     for tw, tb, twer in table:
         print(f"lm_weight={tw:<6g} word_bonus={tb:<6g} WER={100 * twer:6.2f}%")
-    print(json.dumps({"lm_weight": w, "word_bonus": b, "wer": round(wer, 4), "utts": len(records)}))
+    out = {"lm_weight": w, "word_bonus": b, "wer": round(wer, 4), "utts": len(records)}
+    if a.rescore:
+        out.update(_tune_rescore(a, rec, records, refs, lps, w, b))
+    print(json.dumps(out))
     return 0
+
+
+def _tune_rescore(a, rec, records, refs, lps, lm_weight: float, word_bonus: float) -> dict:
+    """The rescoring weight on top of the best (lm_weight, word_bonus): the n-best is decoded and
+    scored by Whisper once, then every weight of ``--rescore-weights`` (0 = no rescoring) is tried."""
+    import torch
+
+    from harken.data.dataset import AsrDataset
+    from harken.decode.beam import CtcBeamSearch
+    from harken.decode.context import ContextGraph, parse_hotword
+    from harken.decode.lm import load_lm
+    from harken.decode.rescore import SAMPLE_RATE, WhisperRescorer, resolve_ref
+    from harken.decode.tune import rescore_grid
+
+    info = rec.info
+    own = info.extra.get("pretrained") if info.encoder_type == "whisper" else None
+    rs = WhisperRescorer.load(resolve_ref(a.rescore, own))
+    hot = [parse_hotword(s) for s in a.hotword]
+    dec = CtcBeamSearch(rec.tokenizer, beam_size=max(a.beam_size, a.rescore_nbest), lm=load_lm(a.lm),
+                        lm_weight=lm_weight, word_bonus=word_bonus,
+                        context=ContextGraph.from_phrases(hot, rec.tokenizer) if hot else None)
+    ds = AsrDataset(records, sample_rate=SAMPLE_RATE)  # the audio as evaluation reads it
+    nbests, scores = [], []
+    for i, lp in enumerate(lps):
+        lp = torch.as_tensor(lp)
+        hs = dec.decode(lp[None], torch.tensor([lp.shape[0]]), nbest=a.rescore_nbest)[0]
+        wave = ds.load(i, 0)
+        nbests.append(hs)
+        scores.append(rs.score(wave, [h.text for h in hs]) if len(hs) > 1 else [0.0] * len(hs))
+    table: list = []
+    w, wer = rescore_grid(nbests, scores, refs, a.rescore_weights, table)
+    for tw, twer in table:
+        print(f"rescore_weight={tw:<6g} WER={100 * twer:6.2f}%")
+    return {"rescore_weight": w, "rescore_wer": round(wer, 4), "rescore_nbest": a.rescore_nbest}
 
 
 def add_commands(sub) -> None:
@@ -159,4 +215,8 @@ def add_commands(sub) -> None:
     t.add_argument("--hotword", action="append", default=[], metavar="PHRASE[:BOOST]")
     t.add_argument("--max-duration", type=float, default=200.0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--rescore", default=None, metavar="WHISPER_DIR",
+                   help="also pick the Whisper-decoder rescoring weight (auto: a Whisper-CTC model's own Whisper)")
+    t.add_argument("--rescore-weights", type=_floats, default=[0.0, 0.3, 0.5, 1.0, 2.0])
+    t.add_argument("--rescore-nbest", type=int, default=16)
     t.set_defaults(func=cmd_tune)

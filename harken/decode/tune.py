@@ -47,3 +47,26 @@ def grid_search(log_probs_list: Sequence, refs: Sequence[str], tokenizer, lm_pat
     if best is None:
         raise ValueError("empty grid")
     return best
+
+
+def rescore_grid(nbests: Sequence[Sequence], rescores: Sequence[Sequence[float]], refs: Sequence[str],
+                 weights: Sequence[float], table: list | None = None) -> tuple[float, float]:
+    """The rescoring weight (``harken.decode.rescore``) with the lowest WER as ``(weight, wer)``:
+    ``nbests`` holds each utterance's beam hypotheses, ``rescores`` Whisper's log-probs of them.
+    Weight 0 is the first pass alone; ties keep the first weight in grid order."""
+    from harken.decode.rescore import pick_best
+
+    if not (len(nbests) == len(rescores) == len(refs)):
+        raise ValueError("one n-best list, one score list and one reference per utterance")
+    best: tuple[float, float] | None = None
+    for w in weights:
+        hyps = [hs[pick_best([h.score for h in hs], sc, float(w))].text if hs else ""
+                for hs, sc in zip(nbests, rescores)]
+        wer = _wer(refs, hyps)
+        if table is not None:
+            table.append((float(w), wer))
+        if best is None or wer < best[1]:
+            best = (float(w), wer)
+    if best is None:
+        raise ValueError("empty grid")
+    return best

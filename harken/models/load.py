@@ -86,6 +86,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise ModelFileError(f"{path}: its tokenizer does not load ({type(e).__name__}: {e})") from None
     from harken.models.registry import encoder_class
 
+    pretrained_ref = cfg.model.encoder.pretrained  # kept in the info: what it was fine-tuned from
     try:  # encoders whose pretrained weights are in the state dict rebuild without the original files
         if cfg.model.encoder.pretrained and getattr(encoder_class(cfg.model.encoder.type), "weights_in_state_dict",
                                                     False):
@@ -102,4 +103,6 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
                              f"({type(e).__name__}: {str(e)[:200]})") from None
     model = model.to(device).eval()
     info = ModelInfo.from_model(model, tok, cfg, model_id=file_model_id(path))
+    if pretrained_ref:
+        info.extra["pretrained"] = str(pretrained_ref)
     return LoadedModel(model=model, tokenizer=tok, config=cfg, info=info)

@@ -41,6 +41,7 @@ import torch
 
 from harken.audio import AudioError, _check_rate, _is_tensor, as_waveform, resample
 from harken.data.sampler import length_batches
+from harken.decode.rescore import RescoreError, RescoreTooLong
 from harken.models.info import ModelInfo, file_model_id
 from harken.runtime.blocks import iter_blocks
 from harken.runtime.options import DecodeOptions, ItemError
@@ -389,6 +390,14 @@ class Engine:
                 self._decoders.popitem(last=False)
         return dec
 
+    def rescorer(self, options: DecodeOptions):
+        """The :class:`harken.decode.rescore.WhisperRescorer` ``options.rescore`` names ("auto": the
+        Whisper model a Whisper-CTC checkpoint was fine-tuned from); loaded once per process."""
+        from harken.decode.rescore import WhisperRescorer, resolve_ref
+
+        own = self._info.extra.get("pretrained") if self._info.encoder_type == "whisper" else None
+        return WhisperRescorer.load(resolve_ref(options.rescore, own))
+
     def _as_wave(self, audio, sample_rate: int | None = None) -> tuple[np.ndarray, str]:
         """Any input -> (float32 waveform at the model's rate, source name). Files and bytes are
         decoded and resampled to the model's rate whatever theirs; a waveform array is taken to be
@@ -411,18 +420,31 @@ class Engine:
 
     # ------------------------------------------------------------------------------- decoding
     def transcript_from_log_probs(self, lp: torch.Tensor, duration: float,
-                                  options: DecodeOptions | None = None) -> Transcript:
+                                  options: DecodeOptions | None = None, wave: np.ndarray | None = None) -> Transcript:
         """Text, confidence and (when ``options.word_timestamps``) word times of one utterance's
-        log-probs (T', V)."""
+        log-probs (T', V). ``wave`` (at the model's rate): the audio, needed by ``options.rescore``."""
         options = options or self._options
         t0 = time.perf_counter()
         from harken.decode.greedy import greedy_frames
 
         toks = greedy_frames(lp[None], torch.tensor([lp.shape[0]]))[0]
         dec = self._decoder(options)
+        t_rescore = 0.0
         if dec is not None:
-            hyps = dec.decode(lp[None], torch.tensor([lp.shape[0]]), nbest=1)[0]
+            nbest = int(options.rescore_nbest) if options.rescore else 1
+            hyps = dec.decode(lp[None], torch.tensor([lp.shape[0]]), nbest=nbest)[0]
             text = hyps[0].text if hyps else ""
+            if options.rescore and len(hyps) > 1:
+                if wave is None:
+                    raise ValueError("rescoring needs the audio (transcript_from_log_probs(..., wave=...))")
+                from harken.decode.rescore import SAMPLE_RATE as RESCORE_RATE
+                from harken.decode.rescore import pick_best
+
+                tr = time.perf_counter()
+                w16 = wave if self.sample_rate == RESCORE_RATE else resample(wave, self.sample_rate, RESCORE_RATE)
+                scores = self.rescorer(options).score(w16, [h.text for h in hyps])
+                text = hyps[pick_best([h.score for h in hyps], scores, float(options.rescore_weight))].text
+                t_rescore = time.perf_counter() - tr
         else:
             text = self._tokenizer.decode([t for t, *_ in toks])
         t1 = time.perf_counter()
@@ -432,8 +454,10 @@ class Engine:
             words = aligned if aligned is not None else self._words(toks, self.frame_seconds)
         t2 = time.perf_counter()
         conf = float(np.mean([c for *_, c in toks])) if toks else 0.0
-        return Transcript(text=text, words=words, confidence=conf, duration=duration,
-                          timings={"decoder": t1 - t0, "alignment": t2 - t1})
+        timings = {"decoder": t1 - t0 - t_rescore, "alignment": t2 - t1}
+        if options.rescore:
+            timings["rescore"] = t_rescore
+        return Transcript(text=text, words=words, confidence=conf, duration=duration, timings=timings)
 
     def _aligned_words(self, log_probs: torch.Tensor, text: str, strict: bool = False) -> list[Word] | None:
         """Forced alignment of ``text`` to one utterance's log-probs (T, V); None (or, with
@@ -555,7 +579,12 @@ class Engine:
         out: list[Transcript | ItemError] = []
         for w, lp in zip(waves, lps):
             try:
-                t = self.transcript_from_log_probs(lp, len(w) / sr, options)
+                t = self.transcript_from_log_probs(lp, len(w) / sr, options, wave=w)
+            except RescoreError:
+                raise  # a configuration error (no rescorer), not one item's failure
+            except RescoreTooLong as e:
+                out.append(ItemError("too_long", f"{e}"))
+                continue
             except Exception as e:  # noqa: BLE001
                 out.append(ItemError("internal", f"decoding failed ({type(e).__name__}: {e})"))
                 continue
@@ -668,7 +697,7 @@ class Engine:
             waves = [resample(w, VAD_RATE, sr) for _, w in pending]
             lps = self.log_probs(waves)
             for (start, _), wave, lp in zip(pending, waves, lps):
-                t = self.transcript_from_log_probs(lp, len(wave) / sr, options)
+                t = self.transcript_from_log_probs(lp, len(wave) / sr, options, wave=wave)
                 off = start / VAD_RATE
                 words = [Word(w.word, w.start + off, w.end + off, w.confidence) for w in t.words]
                 yield Segment(next_id, off, off + len(wave) / sr, t.text, words, t.confidence)

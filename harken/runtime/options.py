@@ -17,7 +17,9 @@ class DecodeOptions:
     ``method``: "greedy", "beam" (CTC prefix beam search) or "beam_lm" (with the word n-gram LM
     at ``lm_path``, an ARPA file); ``hotwords``: (phrase, boost per token) pairs, beam methods only;
     ``word_timestamps``: word times and confidences by forced alignment (costs an alignment pass,
-    so it is off unless asked for)."""
+    so it is off unless asked for); ``rescore``: a CTranslate2 Whisper directory (or
+    ``pkg:PACKAGE/DIR``, or "auto": a Whisper-CTC model's own) whose decoder rescores the beam's
+    ``rescore_nbest`` best by ``score + rescore_weight * log p_whisper`` (:mod:`harken.decode.rescore`)."""
 
     method: str = "greedy"
     beam_size: int = 8
@@ -28,6 +30,9 @@ class DecodeOptions:
     word_timestamps: bool = False
     topk: int = 8
     blank_skip: float = 0.999
+    rescore: str | None = None
+    rescore_weight: float = 1.0
+    rescore_nbest: int = 16
 
     def __post_init__(self):
         hw = tuple((str(p), float(b)) for p, b in (self.hotwords or ()))
@@ -40,6 +45,11 @@ class DecodeOptions:
             raise ValueError("hotwords need decode method beam or beam_lm")
         if int(self.beam_size) < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.rescore:
+            if self.method == "greedy":
+                raise ValueError("rescoring needs decode method beam or beam_lm (an n-best list to rescore)")
+            if int(self.rescore_nbest) < 2:
+                raise ValueError(f"rescore_nbest must be >= 2, got {self.rescore_nbest}")
 
     @property
     def decoder_key(self) -> tuple:
@@ -52,7 +62,9 @@ class DecodeOptions:
 
         return DecodeConfig(method=self.method, beam_size=int(self.beam_size), lm_path=self.lm_path,
                             lm_weight=float(self.lm_weight), word_bonus=float(self.word_bonus),
-                            hotwords=list(self.hotwords), topk=int(self.topk), blank_skip=float(self.blank_skip))
+                            hotwords=list(self.hotwords), topk=int(self.topk), blank_skip=float(self.blank_skip),
+                            rescore=self.rescore, rescore_weight=float(self.rescore_weight),
+                            rescore_nbest=int(self.rescore_nbest))
 
     @classmethod
     def from_config(cls, cfg, word_timestamps: bool = False) -> "DecodeOptions":
@@ -63,7 +75,9 @@ class DecodeOptions:
             return cfg
         return cls(method=cfg.method, beam_size=cfg.beam_size, lm_path=cfg.lm_path, lm_weight=cfg.lm_weight,
                    word_bonus=cfg.word_bonus, hotwords=tuple(tuple(h) for h in cfg.hotwords), topk=cfg.topk,
-                   blank_skip=cfg.blank_skip, word_timestamps=word_timestamps)
+                   blank_skip=cfg.blank_skip, word_timestamps=word_timestamps,
+                   rescore=getattr(cfg, "rescore", None), rescore_weight=getattr(cfg, "rescore_weight", 1.0),
+                   rescore_nbest=getattr(cfg, "rescore_nbest", 16))
 
     def with_(self, **kw) -> "DecodeOptions":
         import dataclasses

@@ -274,6 +274,8 @@ def make_options(st: ServerState, method: str | None, beam_size, hotwords: tuple
         kw["beam_size"] = int(beam_size or st.cfg.beam_size)
     if method == "beam_lm":
         kw.update(lm_path=st.cfg.lm, lm_weight=st.cfg.lm_weight, word_bonus=st.cfg.word_bonus)
+    if method != "greedy" and getattr(st.cfg, "rescore", None):
+        kw.update(rescore=st.cfg.rescore, rescore_weight=st.cfg.rescore_weight, rescore_nbest=st.cfg.rescore_nbest)
     try:
         return DecodeOptions(**kw)
     except ValueError as e:

@@ -95,6 +95,11 @@ class ServeConfig:
     lm_weight: float = 0.5
     word_bonus: float = 0.0
     beam_size: int = 8
+    # second pass for decoding=beam / beam_lm requests: Whisper's decoder rescores the n-best
+    # (harken.decode.rescore); a CTranslate2 Whisper dir, pkg:PACKAGE/DIR or "auto" (a Whisper-CTC model's)
+    rescore: str | None = None
+    rescore_weight: float = 1.0
+    rescore_nbest: int = 16
     log_json: bool = False
     log_level: str = "info"
 
@@ -127,6 +132,11 @@ class ServeConfig:
                 bad(f"auth.api_keys[{k.id}].sha256", "must be a SHA-256 hex digest (harken serve --hash-key -)")
         if self.lm is not None and not Path(self.lm).is_file():
             bad("lm", f"{self.lm}: no such ARPA file")
+        if self.rescore and self.rescore != "auto" and not self.rescore.startswith("pkg:") \
+                and not Path(self.rescore).is_dir():
+            bad("rescore", f"{self.rescore}: no such Whisper directory")
+        if self.rescore_nbest < 2:
+            bad("rescore_nbest", f"must be >= 2 (got {self.rescore_nbest})")
         if self.store.url is not None and self.store.url.startswith(("postgres://", "postgresql://")):
             pass
         elif self.store.url is not None and "://" in self.store.url and not self.store.url.startswith("sqlite:///"):
