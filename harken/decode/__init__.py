@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from harken.decode.beam import CtcBeamSearch, Hypothesis, ctc_prefix_beam_search, greedy_hypotheses
 from harken.decode.context import ContextGraph, parse_hotword
+from harken.decode.rescore import DEFAULT_RESCORE_NBEST, DEFAULT_RESCORE_WEIGHT
 
 METHODS = ("greedy", "beam", "beam_lm")
 
@@ -32,8 +33,8 @@ class DecodeConfig:
     blank_skip: float = 0.999  # frames with P(blank) above this count as pure blank (1.0: off)
     # second pass (the Engine's): Whisper's decoder rescores the rescore_nbest best (harken.decode.rescore)
     rescore: str | None = None  # CTranslate2 Whisper dir, pkg:PACKAGE/DIR, or "auto" (a Whisper-CTC model's)
-    rescore_weight: float = 1.0
-    rescore_nbest: int = 16
+    rescore_weight: float = DEFAULT_RESCORE_WEIGHT
+    rescore_nbest: int = DEFAULT_RESCORE_NBEST
 
     def validate(self) -> "DecodeConfig":
         if self.method not in METHODS:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from harken.decode.rescore import DEFAULT_RESCORE_NBEST, DEFAULT_RESCORE_WEIGHT
+
 __all__ = ["DecodeOptions", "ItemError", "ERROR_CODES"]
 
 METHODS = ("greedy", "beam", "beam_lm")
@@ -31,8 +33,8 @@ class DecodeOptions:
     topk: int = 8
     blank_skip: float = 0.999
     rescore: str | None = None
-    rescore_weight: float = 1.0
-    rescore_nbest: int = 16
+    rescore_weight: float = DEFAULT_RESCORE_WEIGHT
+    rescore_nbest: int = DEFAULT_RESCORE_NBEST
 
     def __post_init__(self):
         hw = tuple((str(p), float(b)) for p, b in (self.hotwords or ()))
@@ -76,8 +78,9 @@ class DecodeOptions:
         return cls(method=cfg.method, beam_size=cfg.beam_size, lm_path=cfg.lm_path, lm_weight=cfg.lm_weight,
                    word_bonus=cfg.word_bonus, hotwords=tuple(tuple(h) for h in cfg.hotwords), topk=cfg.topk,
                    blank_skip=cfg.blank_skip, word_timestamps=word_timestamps,
-                   rescore=getattr(cfg, "rescore", None), rescore_weight=getattr(cfg, "rescore_weight", 1.0),
-                   rescore_nbest=getattr(cfg, "rescore_nbest", 16))
+                   rescore=getattr(cfg, "rescore", None),
+                   rescore_weight=getattr(cfg, "rescore_weight", DEFAULT_RESCORE_WEIGHT),
+                   rescore_nbest=getattr(cfg, "rescore_nbest", DEFAULT_RESCORE_NBEST))
 
     def with_(self, **kw) -> "DecodeOptions":
         import dataclasses

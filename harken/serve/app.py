@@ -290,6 +290,8 @@ def options_dict(opts, fmt: str) -> dict:
         d["beam_size"] = opts.beam_size
     if opts.hotwords:
         d["hotwords"] = [list(h) for h in opts.hotwords]
+    if getattr(opts, "rescore", None):
+        d["rescore_weight"] = opts.rescore_weight
     return d
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from harken.config import ConfigError, apply_overrides, from_dict, to_dict
+from harken.decode.rescore import DEFAULT_RESCORE_NBEST, DEFAULT_RESCORE_WEIGHT
 
 __all__ = ["ServeConfig", "BatchingConfig", "LimitsConfig", "AuthConfig", "ApiKey", "StoreConfig",
            "load_serve_config", "hash_key", "ConfigError"]
@@ -98,8 +99,8 @@ class ServeConfig:
     # second pass for decoding=beam / beam_lm requests: Whisper's decoder rescores the n-best
     # (harken.decode.rescore); a CTranslate2 Whisper dir, pkg:PACKAGE/DIR or "auto" (a Whisper-CTC model's)
     rescore: str | None = None
-    rescore_weight: float = 1.0
-    rescore_nbest: int = 16
+    rescore_weight: float = DEFAULT_RESCORE_WEIGHT
+    rescore_nbest: int = DEFAULT_RESCORE_NBEST
     log_json: bool = False
     log_level: str = "info"
 
