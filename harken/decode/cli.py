@@ -51,13 +51,13 @@ def decode_config_from_args(a: argparse.Namespace):
         with open(a.hotwords_file, encoding="utf-8") as f:
             specs += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     hot = [parse_hotword(s) for s in specs]
-    rescore = getattr(a, "rescore", None)
+    rescore = a.rescore
     method = a.decode or ("beam_lm" if a.lm else ("beam" if hot or rescore else "greedy"))
     if method == "beam_lm" and not a.lm:
         raise ValueError("--decode beam_lm needs --lm PATH")
     if a.lm and not Path(a.lm).exists():
         raise FileNotFoundError(f"language model {a.lm} not found")
-    if rescore is None and (getattr(a, "rescore_weight", None) is not None or getattr(a, "rescore_nbest", None)):
+    if rescore is None and (a.rescore_weight is not None or a.rescore_nbest is not None):
         raise ValueError("--rescore-weight / --rescore-nbest need --rescore")
     if rescore and rescore != "auto" and not rescore.startswith("pkg:") and not Path(rescore).is_dir():
         raise FileNotFoundError(f"--rescore {rescore}: no such directory")
@@ -65,9 +65,9 @@ def decode_config_from_args(a: argparse.Namespace):
     if rescore:
         from harken.decode.rescore import DEFAULT_RESCORE_NBEST, DEFAULT_RESCORE_WEIGHT
 
-        w, n = getattr(a, "rescore_weight", None), getattr(a, "rescore_nbest", None)
-        extra = dict(rescore=rescore, rescore_weight=DEFAULT_RESCORE_WEIGHT if w is None else w,
-                     rescore_nbest=DEFAULT_RESCORE_NBEST if n is None else n)
+        extra = dict(rescore=rescore,
+                     rescore_weight=DEFAULT_RESCORE_WEIGHT if a.rescore_weight is None else a.rescore_weight,
+                     rescore_nbest=DEFAULT_RESCORE_NBEST if a.rescore_nbest is None else a.rescore_nbest)
     return DecodeConfig(method=method, beam_size=a.beam_size, lm_path=a.lm, lm_weight=a.lm_weight,
                         word_bonus=a.word_bonus, hotwords=hot, **extra).validate()
 
@@ -161,19 +161,16 @@ def _tune_rescore(a, rec, records, refs, lps, lm_weight: float, word_bonus: floa
     import torch
 
     from harken.data.dataset import AsrDataset
-    from harken.decode.beam import CtcBeamSearch
-    from harken.decode.context import ContextGraph, parse_hotword
-    from harken.decode.lm import load_lm
-    from harken.decode.rescore import SAMPLE_RATE, WhisperRescorer, resolve_ref
+    from harken.decode import DecodeConfig, build_decoder
+    from harken.decode.context import parse_hotword
+    from harken.decode.rescore import SAMPLE_RATE
     from harken.decode.tune import rescore_grid
+    from harken.runtime import DecodeOptions
 
-    info = rec.info
-    own = info.extra.get("pretrained") if info.encoder_type == "whisper" else None
-    rs = WhisperRescorer.load(resolve_ref(a.rescore, own))
-    hot = [parse_hotword(s) for s in a.hotword]
-    dec = CtcBeamSearch(rec.tokenizer, beam_size=max(a.beam_size, a.rescore_nbest), lm=load_lm(a.lm),
-                        lm_weight=lm_weight, word_bonus=word_bonus,
-                        context=ContextGraph.from_phrases(hot, rec.tokenizer) if hot else None)
+    rs = rec.rescorer(DecodeOptions(method="beam", rescore=a.rescore))
+    dec = build_decoder(rec.tokenizer, DecodeConfig(
+        method="beam_lm", beam_size=max(a.beam_size, a.rescore_nbest), lm_path=a.lm, lm_weight=lm_weight,
+        word_bonus=word_bonus, hotwords=[parse_hotword(s) for s in a.hotword]))
     ds = AsrDataset(records, sample_rate=SAMPLE_RATE)  # the audio as evaluation reads it
     nbests, scores = [], []
     for i, lp in enumerate(lps):

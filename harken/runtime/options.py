@@ -78,9 +78,7 @@ class DecodeOptions:
         return cls(method=cfg.method, beam_size=cfg.beam_size, lm_path=cfg.lm_path, lm_weight=cfg.lm_weight,
                    word_bonus=cfg.word_bonus, hotwords=tuple(tuple(h) for h in cfg.hotwords), topk=cfg.topk,
                    blank_skip=cfg.blank_skip, word_timestamps=word_timestamps,
-                   rescore=getattr(cfg, "rescore", None),
-                   rescore_weight=getattr(cfg, "rescore_weight", DEFAULT_RESCORE_WEIGHT),
-                   rescore_nbest=getattr(cfg, "rescore_nbest", DEFAULT_RESCORE_NBEST))
+                   rescore=cfg.rescore, rescore_weight=cfg.rescore_weight, rescore_nbest=cfg.rescore_nbest)
 
     def with_(self, **kw) -> "DecodeOptions":
         import dataclasses

@@ -274,7 +274,7 @@ def make_options(st: ServerState, method: str | None, beam_size, hotwords: tuple
         kw["beam_size"] = int(beam_size or st.cfg.beam_size)
     if method == "beam_lm":
         kw.update(lm_path=st.cfg.lm, lm_weight=st.cfg.lm_weight, word_bonus=st.cfg.word_bonus)
-    if method != "greedy" and getattr(st.cfg, "rescore", None):
+    if method != "greedy" and st.cfg.rescore:
         kw.update(rescore=st.cfg.rescore, rescore_weight=st.cfg.rescore_weight, rescore_nbest=st.cfg.rescore_nbest)
     try:
         return DecodeOptions(**kw)
@@ -290,7 +290,7 @@ def options_dict(opts, fmt: str) -> dict:
         d["beam_size"] = opts.beam_size
     if opts.hotwords:
         d["hotwords"] = [list(h) for h in opts.hotwords]
-    if getattr(opts, "rescore", None):
+    if opts.rescore:
         d["rescore_weight"] = opts.rescore_weight
     return d
 

@@ -116,7 +116,7 @@ def load_engine(model: str, cfg):
         sm = StreamingModel.from_onnx(model, num_threads=threads)
         return StreamingOfflineEngine(sm, path=model), sm
     engine = Engine.load(model, backend=cfg.backend, num_threads=threads, warmup=True)
-    if getattr(cfg, "rescore", None):  # load the rescorer now: a bad reference fails the start, not a request
+    if cfg.rescore:  # load the rescorer now: a bad reference fails the start, not a request
         from harken.runtime.options import DecodeOptions
 
         engine.rescorer(DecodeOptions(method="beam", rescore=cfg.rescore))
