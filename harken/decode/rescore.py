@@ -84,6 +84,7 @@ class WhisperRescorer:
         self.tokenizer = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
         sp = special_tokens(d)
         self.eot = sp["eot"]
+        self.nospeech = sp.get("nospeech")  # <|nocaptions|> (older models) / <|nospeech|>
         # English-only models take <|startoftranscript|><|notimestamps|>; multilingual ones also
         # name the language and the task (Whisper's own prompt for English transcription)
         multilingual = self.decoder.embed.weight.shape[0] >= 51865
@@ -125,6 +126,38 @@ class WhisperRescorer:
         feats, lens = self.encoder.frontend(w[None], torch.tensor([w.numel()]))
         h, _ = self.encoder.forward_features(feats, lens, mask_padding=False)
         return h
+
+    @torch.inference_mode()
+    def transcribe(self, wave: np.ndarray | torch.Tensor, max_tokens: int = 200) -> tuple[str, float, float]:
+        """Whisper's own greedy transcript of one 16 kHz waveform (at most ``max_seconds``), as
+        Whisper decodes: the audio zero-padded to its 30 s window, no timestamps.  Returns the raw
+        text, its average token log-probability (end-of-text included) and the no-speech probability
+        (of ``<|nocaptions|>`` / ``<|nospeech|>`` right after start-of-transcript; NaN when the model
+        has no such token), Whisper's own silence test.  Used to pseudo-label untranscribed audio
+        (:mod:`harken.data.pseudo`), not on any serving path."""
+        w = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
+        full = int(round(self.max_seconds * SAMPLE_RATE))
+        if w.numel() > full:
+            raise RescoreTooLong(f"transcribing: {w.numel() / SAMPLE_RATE:.1f} s of audio is over Whisper's "
+                                 f"{self.max_seconds:.0f} s (segment it first)")
+        w = torch.nn.functional.pad(w, (0, full - w.numel()))
+        feats, lens = self.encoder.frontend(w[None], torch.tensor([full]))
+        mem, _ = self.encoder.forward_features(feats, lens, mask_padding=False)
+        toks = list(self.prompt)
+        total, n, no_speech = 0.0, 0, float("nan")
+        limit = min(max_tokens, self.decoder.max_positions - len(self.prompt))
+        for step in range(limit):
+            hs = self.decoder.hidden(torch.tensor([toks]), mem)
+            if step == 0 and self.nospeech is not None:
+                no_speech = float(self.decoder.logits(hs[:, 0])[0].float().softmax(-1)[self.nospeech])
+            lp = self.decoder.logits(hs[:, -1])[0].float().log_softmax(-1)
+            nxt = int(lp.argmax())
+            total, n = total + float(lp[nxt]), n + 1
+            if nxt == self.eot:
+                break
+            toks.append(nxt)
+        text_ids = [t for t in toks[len(self.prompt):] if t < self.eot]  # no special tokens
+        return self.tokenizer.decode(text_ids), total / max(n, 1), no_speech
 
     @torch.inference_mode()
     def score(self, wave, texts: Sequence[str], memory: torch.Tensor | None = None) -> list[float]:

@@ -161,7 +161,8 @@ def special_tokens(path: str | Path) -> dict[str, int]:
         vocab = {w: i for i, w in enumerate(vf.read_text(encoding="utf-8").splitlines())}
     out = {}
     for key, tok in (("sot", "<|startoftranscript|>"), ("notimestamps", "<|notimestamps|>"),
-                     ("eot", "<|endoftext|>"), ("en", "<|en|>"), ("transcribe", "<|transcribe|>")):
+                     ("eot", "<|endoftext|>"), ("en", "<|en|>"), ("transcribe", "<|transcribe|>"),
+                     ("nospeech", "<|nocaptions|>"), ("nospeech", "<|nospeech|>")):
         if tok in vocab:
             out[key] = int(vocab[tok])
     for need in ("sot", "notimestamps", "eot"):

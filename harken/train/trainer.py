@@ -59,7 +59,7 @@ import random
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +142,12 @@ def estimate_cmvn(records: list[Record], cfg: ExperimentConfig, seed: int) -> Gl
 
 def load_train_records(cfg: ExperimentConfig) -> list[Record]:
     recs: list[Record] = []
-    for m in cfg.data.train:
-        recs.extend(read_manifest(m))
+    repeat = cfg.data.train_repeat or [1] * len(cfg.data.train)
+    for m, times in zip(cfg.data.train, repeat):
+        part = read_manifest(m)
+        recs.extend(part)
+        for k in range(1, int(times)):  # data.train_repeat: the copies get their own ids
+            recs.extend(replace(r, id=f"{r.id}~{k}") for r in part)
     if not recs:
         raise ValueError(f"no training utterances in {cfg.data.train}")
     return recs
