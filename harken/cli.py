@@ -193,6 +193,8 @@ def cmd_pseudo_label(a) -> int:
     from harken.data.pseudo import pseudo_label
 
     src, out = Path(a.manifest), Path(a.out)
+    if not 0 <= a.max_disagreement <= 1:
+        raise ValueError(f"--max-disagreement must be in [0, 1], got {a.max_disagreement}")
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the input manifest; write the labelled records elsewhere")
     if src.is_dir():  # a folder of recordings: cut at pauses first, beside the labelled manifest
@@ -513,9 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pseudo-labels: each record's audio transcribed by the first --whisper model "
                                    "(greedy, 30 s window); every further --whisper transcribes it too, and a "
                                    "record whose transcripts differ by more than --max-disagreement (word error "
-                                   "rate, both ways) is dropped, as are repetition loops, empty transcripts and "
-                                   "texts already kept. Kept records get extra.label=pseudo; dropped ones are "
-                                   "listed in <out stem>.dropped.jsonl.")
+                                   "rate, both ways) is dropped, as are audio the labeller hears as no speech, "
+                                   "repetition loops, empty transcripts and texts already kept. Kept records "
+                                   "get extra.label=pseudo; dropped ones are listed in <out stem>.dropped.jsonl.")
     s.add_argument("manifest", help="records to label (their text, if any, is replaced), or a folder of "
                                     "recordings: cut at pauses into pieces of at most 15 s first, written "
                                     "beside --out")
