@@ -193,8 +193,6 @@ def cmd_pseudo_label(a) -> int:
     from harken.data.pseudo import pseudo_label
 
     src, out = Path(a.manifest), Path(a.out)
-    if not 0 <= a.max_disagreement <= 1:
-        raise ValueError(f"--max-disagreement must be in [0, 1], got {a.max_disagreement}")
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the input manifest; write the labelled records elsewhere")
     if src.is_dir():  # a folder of recordings: cut at pauses first, beside the labelled manifest
@@ -207,8 +205,7 @@ def cmd_pseudo_label(a) -> int:
     recs = read_manifest(src)
     dropped_path = out.with_name(out.stem + ".dropped.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(dropped_path, "w", encoding="utf-8") as dropped:
-        kept, summ = pseudo_label(recs, a.whisper, max_disagreement=a.max_disagreement, dropped_out=dropped)
+    kept, summ = pseudo_label(recs, a.whisper, max_disagreement=a.max_disagreement, dropped_path=dropped_path)
     write_manifest(out, kept)
     why = ", ".join(f"{k} {n}" for k, n in sorted(summ.dropped.items())) or "none"
     print(f"wrote {summ.kept} of {len(recs)} records ({summ.seconds / 60:.1f} min) to {out}, labelled by "

@@ -97,8 +97,7 @@ def test_pseudo_label_transcribes_speech_and_reports_what_it_drops(tmp_path, tin
     quiet = Record(id="silence", audio=str(silent), duration=2.0)
     todo = [Record(id=r.id, audio=r.audio, duration=r.duration) for r in recs] + [dup, missing, quiet]
     dropped = tmp_path / "dropped.jsonl"
-    with open(dropped, "w") as f:
-        kept, summ = pseudo_label(todo, [str(tiny_en)], dropped_out=f)
+    kept, summ = pseudo_label(todo, [str(tiny_en)], dropped_path=dropped)
     by_id = {r.id: r for r in kept}
     assert set(by_id) == {r.id for r in recs}, summ
     assert summ.dropped == {"unreadable": 1, "duplicate_text": 1, "no_speech": 1}

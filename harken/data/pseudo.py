@@ -57,9 +57,7 @@ def _read_recording(path: Path) -> tuple[np.ndarray, int]:
     """(int16 samples, rate) of a codec2 file: ``.raw`` is headerless 16-bit 8 kHz mono, the rest
     is read by soundfile."""
     if path.suffix == ".raw":
-        x = np.fromfile(path, dtype="<i2")
-        rate = 16000 if "16k" in path.name else 8000
-        return x, rate
+        return np.fromfile(path, dtype="<i2"), 8000
     import soundfile as sf
 
     x, rate = sf.read(str(path), dtype="int16", always_2d=True)
@@ -169,12 +167,15 @@ def compression_ratio(text: str) -> float:
 
 
 def word_disagreement(a: str, b: str) -> float:
-    """Word edit distance between two normalised texts over the first's length (b against a)."""
+    """Word edit distance between two normalised texts over the shorter one's length: the larger of
+    the two texts' WER against each other, so a text that adds words counts like one that drops them."""
     from harken.evaluate import error_report
 
-    if not a.split():
-        return 0.0 if not b.split() else 1.0
-    return float(error_report([a], [b]).wer)
+    na, nb = len(a.split()), len(b.split())
+    if not na or not nb:
+        return 0.0 if na == nb else 1.0
+    errors = error_report([a], [b]).wer * na  # edits turning a into b (symmetric)
+    return float(errors / min(na, nb))
 
 
 _CAPTION = re.compile(r"^\s*[\[(][^\])]*[\])]\s*$")  # "(upbeat music)", "[sizzling]": Whisper's sound captions
@@ -194,7 +195,7 @@ def judge(text: str, checks: Sequence[str], max_disagreement: float = 0.2, max_c
         return "no_words", 0.0
     if compression_ratio(text) > max_compression:
         return "repetition", 0.0
-    dis = max((max(word_disagreement(text, c), word_disagreement(c, text)) for c in checks), default=0.0)
+    dis = max((word_disagreement(text, c) for c in checks), default=0.0)
     return ("disagreement" if dis > max_disagreement else None), dis
 
 
@@ -209,12 +210,13 @@ class PseudoSummary:
 
 
 def pseudo_label(records: Sequence[Record], teachers: Sequence[str], max_disagreement: float = 0.2,
-                 max_compression: float = 2.4, dropped_out=None) -> tuple[list[Record], PseudoSummary]:
+                 max_compression: float = 2.4, dropped_path: str | os.PathLike | None = None,
+                 ) -> tuple[list[Record], PseudoSummary]:
     """Label ``records`` with the first of ``teachers`` (Whisper references: a CTranslate2 directory
-    or ``pkg:PACKAGE/SUBDIR``); the others check it.  ``dropped_out``: a writable text file that gets
-    one JSON line per dropped record.  Returns (kept records, summary)."""
-    from harken.audio import load_audio
-    from harken.decode.rescore import RescoreError, RescoreTooLong, WhisperRescorer
+    or ``pkg:PACKAGE/SUBDIR``); the others check it.  ``dropped_path``: a JSONL file that gets one line
+    per dropped record (written only once the arguments and models are good).  Returns (kept records,
+    summary)."""
+    from harken.decode.rescore import RescoreError, WhisperRescorer
 
     if not teachers:
         raise PseudoLabelError("pseudo-labelling needs at least one Whisper model (--whisper DIR)")
@@ -227,6 +229,20 @@ def pseudo_label(records: Sequence[Record], teachers: Sequence[str], max_disagre
     summ = PseudoSummary()
     kept: list[Record] = []
     texts_seen: dict[str, str] = {}
+    dropped_out = open(dropped_path, "w", encoding="utf-8") if dropped_path is not None else None
+    try:
+        _label_all(records, models, teachers, max_disagreement, max_compression, summ, kept, texts_seen,
+                   dropped_out)
+    finally:
+        if dropped_out is not None:
+            dropped_out.close()
+    return kept, summ
+
+
+def _label_all(records, models, teachers, max_disagreement, max_compression, summ, kept, texts_seen,
+               dropped_out) -> None:
+    from harken.audio import load_audio
+    from harken.decode.rescore import RescoreTooLong
 
     def drop(r: Record, why: str, **info) -> None:
         summ.drop(why)
@@ -264,4 +280,3 @@ def pseudo_label(records: Sequence[Record], teachers: Sequence[str], max_disagre
                            speaker=r.speaker, group=r.group, extra=extra))
         summ.kept += 1
         summ.seconds += r.duration
-    return kept, summ

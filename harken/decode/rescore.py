@@ -115,14 +115,16 @@ class WhisperRescorer:
         return self.tokenizer.encode(" " + t, add_special_tokens=False).ids if t else []
 
     @torch.inference_mode()
-    def memory(self, wave: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The encoder output (1, T, D) for one 16 kHz waveform (at most ``max_seconds``)."""
+    def memory(self, wave: np.ndarray | torch.Tensor, full_window: bool = False) -> torch.Tensor:
+        """The encoder output (1, T, D) for one 16 kHz waveform (at most ``max_seconds``); with
+        ``full_window`` the audio is zero-padded to Whisper's 30 s window, as Whisper decodes."""
         w = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
         if w.numel() / SAMPLE_RATE > self.max_seconds:
-            raise RescoreTooLong(f"rescoring: {w.numel() / SAMPLE_RATE:.1f} s of audio is over Whisper's "
-                               f"{self.max_seconds:.0f} s (segment it first)")
-        if w.numel() < 400:
-            w = torch.nn.functional.pad(w, (0, 400 - w.numel()))
+            raise RescoreTooLong(f"{w.numel() / SAMPLE_RATE:.1f} s of audio is over Whisper's "
+                                 f"{self.max_seconds:.0f} s (segment it first)")
+        size = int(round(self.max_seconds * SAMPLE_RATE)) if full_window else 400
+        if w.numel() < size:
+            w = torch.nn.functional.pad(w, (0, size - w.numel()))
         feats, lens = self.encoder.frontend(w[None], torch.tensor([w.numel()]))
         h, _ = self.encoder.forward_features(feats, lens, mask_padding=False)
         return h
@@ -135,14 +137,7 @@ class WhisperRescorer:
         (of ``<|nocaptions|>`` / ``<|nospeech|>`` right after start-of-transcript; NaN when the model
         has no such token), Whisper's own silence test.  Used to pseudo-label untranscribed audio
         (:mod:`harken.data.pseudo`), not on any serving path."""
-        w = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
-        full = int(round(self.max_seconds * SAMPLE_RATE))
-        if w.numel() > full:
-            raise RescoreTooLong(f"transcribing: {w.numel() / SAMPLE_RATE:.1f} s of audio is over Whisper's "
-                                 f"{self.max_seconds:.0f} s (segment it first)")
-        w = torch.nn.functional.pad(w, (0, full - w.numel()))
-        feats, lens = self.encoder.frontend(w[None], torch.tensor([full]))
-        mem, _ = self.encoder.forward_features(feats, lens, mask_padding=False)
+        mem = self.memory(wave, full_window=True)
         toks = list(self.prompt)
         total, n, no_speech = 0.0, 0, float("nan")
         limit = min(max_tokens, self.decoder.max_positions - len(self.prompt))

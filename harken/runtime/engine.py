@@ -583,7 +583,7 @@ class Engine:
             except RescoreError:
                 raise  # a configuration error (no rescorer), not one item's failure
             except RescoreTooLong as e:
-                out.append(ItemError("too_long", f"{e}"))
+                out.append(ItemError("too_long", f"rescoring: {e}"))
                 continue
             except Exception as e:  # noqa: BLE001
                 out.append(ItemError("internal", f"decoding failed ({type(e).__name__}: {e})"))
