@@ -56,7 +56,7 @@ def test_feature_store_trains_top_layer_only_resumes_and_serves(tiny_corpus, tmp
 
     corpus, _ = tiny_corpus
     exp = tmp_path / "exp"
-    cfg = load_config(None, _overrides(corpus, exp))
+    cfg = load_config(None, _overrides(corpus, exp, **{"train.ema_decay": 0.9}))
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before it builds the model
     run = train(cfg)
     assert run.state.step == 24 and run.state.best_step in (12, 24)
@@ -67,11 +67,28 @@ def test_feature_store_trains_top_layer_only_resumes_and_serves(tiny_corpus, tmp
     assert fs["views"] == 2 and fs["stored_layers"] == 1 and fs["trained_layers"] == 1
     assert fs["utterances"] + sum(fs["dropped"].values()) == 2 * 24
 
+    # best.pt is chosen among everything the run wrote: final (or best step), the average of the last 3
+    # step checkpoints, the EMA; each scored on dev, the lowest WER kept
+    names = {c["name"] for c in sel["candidates"]}
+    assert {"final", "avg", "ema"} <= names <= {"final", "best_step", "avg", "ema"}, names
+    win = min(sel["candidates"], key=lambda c: (c["wer"], c["cer"]))
+    assert sel["chosen"] == win["name"] and sel["dev_utts"] == 6
+    key = "encoder.layers.1.fc1.weight"
+    steps = [torch.load(exp / "checkpoints" / f"step-{s:08d}.pt", weights_only=True) for s in (8, 16, 24)]
+    avg = torch.load(exp / "avg.pt", weights_only=True)
+    assert avg["averaged"] == [8, 16, 24]
+    assert torch.allclose(avg["model"][key], sum(c["model"][key] for c in steps) / 3, atol=1e-6)
+    ema = torch.load(exp / "ema.pt", weights_only=True)
+    assert steps[-1]["ema"].keys() >= {key} and torch.equal(ema["model"][key], steps[-1]["ema"][key])
+    assert not torch.equal(ema["model"][key], steps[-1]["model"][key])
+    chosen = {"final": steps[-1]["model"], "avg": avg["model"], "ema": ema["model"]}.get(sel["chosen"])
+    if chosen is not None:
+        assert torch.equal(best["model"][key], chosen[key]) and best["selected"] == sel["chosen"]
+
     # the stored layer and the conv stem are exactly the initial (random, seeded) weights; the top trained
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg, tok.vocab_size)
-    sd = best["model"] if best["step"] == 24 else torch.load(exp / "checkpoints" / "step-00000024.pt",
-                                                             weights_only=True)["model"]
+    sd = steps[-1]["model"]
     for k, v in init.state_dict().items():
         if k.startswith(("encoder.layers.0.", "encoder.conv")):
             assert torch.equal(v, sd[k]), k
@@ -88,10 +105,34 @@ def test_feature_store_trains_top_layer_only_resumes_and_serves(tiny_corpus, tmp
     assert isinstance(eng.transcribe(rec.audio).text, str)
 
     # resume: the same exp_dir with more steps continues from step 24 (the store is rebuilt)
-    run2 = train(load_config(None, _overrides(corpus, exp, **{"train.max_steps": 32})))
+    run2 = train(load_config(None, _overrides(corpus, exp, **{"train.max_steps": 32, "train.ema_decay": 0.9})))
     assert run2.state.step == 32
     last = torch.load(exp / "checkpoints" / "step-00000032.pt", weights_only=True)
     assert last["state"]["step"] == 32 and last["state"]["elapsed_seconds"] > 0
+
+
+def test_store_shares_the_clean_view_of_repeated_records(tiny_corpus):
+    """``data.train_repeat`` copies (same audio span, new id) are encoded once in the clean view and
+    share its tensor; an augmented view encodes each copy on its own; an unreadable file is None."""
+    from dataclasses import replace
+
+    from harken.data.augment import WaveAugmenter
+    from harken.data.manifest import read_manifest
+    from harken.models.build import build_model
+    from harken.train.feature_store import build_store
+
+    corpus, _ = tiny_corpus
+    cfg = load_config(None, TINY_WHISPER + ["data.augment.noise_prob=0", "data.augment.speed_factors=[0.9,1.1]"])
+    enc = build_model(cfg, 30).encoder.eval()
+    recs = read_manifest(corpus / "train.jsonl")[:3]
+    recs = recs + [replace(recs[0], id=recs[0].id + "~1"), replace(recs[1], id="gone", audio="/nonexistent.wav")]
+    clean = build_store(enc, recs, 1, None, seed=0)
+    alone = build_store(enc, recs[:1], 1, None, seed=0)
+    assert clean[3] is clean[0] and clean[4] is None
+    assert torch.allclose(clean[0].float(), alone[0].float(), atol=1e-2, rtol=1e-2)  # batching: fp rounding only
+    assert all(clean[i] is not clean[j] for i in range(3) for j in range(i))
+    aug = build_store(enc, recs, 1, WaveAugmenter(cfg.data.augment), seed=0)
+    assert aug[3] is not aug[0] and not torch.equal(aug[3], aug[0])  # each copy its own augmentation
 
 
 def test_feature_store_settings_refused_in_one_line(tiny_corpus, tmp_path):

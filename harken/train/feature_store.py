@@ -10,9 +10,12 @@ alone on the frozen encoder's output.
 It is an ordinary harken run otherwise: the same config file, data check, tokenizer, optimizer
 groups (``WhisperEncoder.param_groups``: encoder layers at ``optim.lr x encoder_lr_scale x
 layer_lr_decay ** depth``), LR schedule and clock (``optim.schedule_clock``), dev WER through the
-Engine every ``train.eval_every`` steps, ``best.pt`` by dev WER, resumable checkpoints in
-``exp_dir/checkpoints`` (the store is rebuilt on resume: it is a cache, never state), and the
-checkpoints hold every encoder weight, so ``harken eval / export / serve`` read them unchanged.
+Engine every ``train.eval_every`` steps, resumable checkpoints in ``exp_dir/checkpoints`` (the
+store is rebuilt on resume: it is a cache, never state), and the same choice of ``best.pt`` at the
+end (``trainer.select_best``): the final weights, the best step checkpoint, the average of the last
+``train.average_last`` checkpoints and the EMA of the trained weights (``train.ema_decay``), each
+scored on dev. The checkpoints hold every encoder weight, so ``harken eval / export / serve`` read
+them unchanged.
 
 Time masking on the stored states replaces SpecAugment on the input (the input is gone once
 stored): ``model.encoder.mask_time_prob`` x T / 10 spans of up to 10 frames per utterance, the
@@ -86,11 +89,19 @@ def build_store(encoder, records: list[Record], n_frozen: int, augmenter: WaveAu
                 batch_seconds: float = 60.0, sample_rate: int = 16000) -> list[torch.Tensor | None]:
     """Hidden states after the first ``n_frozen`` layers, (T', D) float16, per record (None where the
     audio could not be read: counted by the caller).  Records run in batches of similar length;
-    the encoder is exact under batching (padding is masked), so batching changes nothing."""
+    the encoder is exact under batching (padding is masked), so batching changes nothing. Without
+    an augmenter, records of the same audio span (``data.train_repeat`` copies) share one tensor."""
     from harken.audio import AudioError, load_audio
 
     out: list[torch.Tensor | None] = [None] * len(records)
-    order = sorted(range(len(records)), key=lambda i: records[i].duration)
+    same: dict[int, int] = {}  # record -> the earlier record with the same audio span (clean view only)
+    if augmenter is None:
+        first: dict[tuple, int] = {}
+        for k, r in enumerate(records):
+            same_as = first.setdefault((r.audio, r.offset, r.duration), k)
+            if same_as != k:
+                same[k] = same_as
+    order = sorted((k for k in range(len(records)) if k not in same), key=lambda i: records[i].duration)
     i = 0
     with torch.inference_mode():
         while i < len(order):
@@ -119,6 +130,8 @@ def build_store(encoder, records: list[Record], n_frozen: int, augmenter: WaveAu
             h, ol = encoder.lower(x, torch.tensor([len(w) for w in waves]), n_frozen)
             for r, k in enumerate(idx):
                 out[k] = h[r, :int(ol[r])].to(torch.float16).clone()
+    for k, src in same.items():
+        out[k] = out[src]
     return out
 
 
@@ -157,9 +170,11 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     from harken.train.trainer import (
         TrainState,
         check_training_data,
+        ema_decay_at,
         load_train_records,
         make_tokenizer,
         seed_everything,
+        select_best,
     )
 
     cfg = validate(cfg)
@@ -216,7 +231,7 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     frames = sum(f.shape[0] for f in feats)
     log.info("feature store: %d view(s) x %d utterances -> %d kept (%s), %d frames, %.0f MB, %d of %d layers "
              "stored, %.1f s", len(views), len(records), len(feats), ", ".join(f"{k} {n}" for k, n in dropped.items()),
-             frames, frames * feats[0].shape[1] * 2 / 1e6, n_frozen, len(enc.layers), time.time() - t0)
+             frames, sum(f.numel() for f in {id(f): f for f in feats}.values()) * 2 / 1e6, n_frozen, len(enc.layers), time.time() - t0)
 
     # -- optimizer, schedule
     groups = param_groups(core, oc.lr, oc.weight_decay)
@@ -225,6 +240,16 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     if resume is not None and "optimizer" in resume:
         opt.load_state_dict(resume["optimizer"])
     trainable = [p for p in core.parameters() if p.requires_grad]
+    # EMA of the trained weights (train.ema_decay > 0), fp32, kept in the step checkpoints for resuming
+    ema: dict[str, torch.Tensor] | None = None
+    if tc.ema_decay > 0:
+        ema = {n: p.detach().float().clone() for n, p in core.named_parameters() if p.requires_grad}
+        if resume is not None and resume.get("ema") is not None:
+            ema = {k: v.float() for k, v in resume["ema"].items()}
+        elif resume is not None:
+            log.warning("%s has no EMA of the weights (train.ema_decay was 0): the EMA starts from the resumed "
+                        "weights", resume_path)
+    ema_named = [(n, p) for n, p in core.named_parameters() if ema is not None and n in ema]
     log.info("training %d of %d layers + the CTC head: %.2fM of %.2fM parameters", n_train, len(enc.layers),
              sum(p.numel() for p in trainable) / 1e6, sum(p.numel() for p in core.parameters()) / 1e6)
     fps = 1.0 / float(enc.frame_seconds)
@@ -238,26 +263,44 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     def minutes() -> float:
         return (elapsed_base + time.time() - t_start) / 60.0
 
-    def evaluate() -> None:
-        if not dev:
-            return
-        hyps = decode_records(as_engine(core.eval(), tokenizer, cfg), dev, max_duration=dc.max_duration)
-        rep = error_report([normalize_text(r.text) for r in dev], hyps)
-        log.info("step %d dev WER %.2f%% CER %.2f%%", st.step, 100 * rep.wer, 100 * rep.cer)
-        if rep.wer < st.best_wer:
-            st.best_wer, st.best_cer, st.best_step = rep.wer, rep.cer, st.step
-            ckpt.atomic_save(model_only(), exp_dir / "best.pt")
+    last_dev: dict = {"step": -1, "rep": None}  # the newest dev report, so the final step is scored once
 
-    def model_only() -> dict:
+    def dev_report() -> dict:
+        hyps = decode_records(as_engine(core.eval(), tokenizer, cfg), dev, max_duration=dc.max_duration)
+        return error_report([normalize_text(r.text) for r in dev], hyps).as_dict()
+
+    def evaluate() -> dict | None:
+        if not dev:
+            return None
+        rep = dev_report()
+        last_dev.update(step=st.step, rep=rep)
+        log.info("step %d dev WER %.2f%% CER %.2f%%", st.step, 100 * rep["wer"], 100 * rep["cer"])
+        if rep["wer"] < st.best_wer:
+            st.best_wer, st.best_cer, st.best_step = rep["wer"], rep["cer"], st.step
+            ckpt.atomic_save(model_only(), exp_dir / "best.pt")
+        return rep
+
+    def score(path: Path) -> dict:  # a written candidate (avg.pt, ema.pt) on dev; the weights come back
+        keep = {k: v.detach().clone() for k, v in core.state_dict().items()}
+        try:
+            core.load_state_dict(ckpt.load_checkpoint(path)["model"])
+            return dev_report()
+        finally:
+            core.load_state_dict(keep)
+
+    def model_only(state_dict: dict | None = None) -> dict:
         from harken.train.trainer import CHECKPOINT_VERSION
 
-        return {"version": CHECKPOINT_VERSION, "config": to_dict(cfg), "model": core.state_dict(),
+        return {"version": CHECKPOINT_VERSION, "config": to_dict(cfg),
+                "model": core.state_dict() if state_dict is None else state_dict,
                 "tokenizer": tokenizer.to_dict(), "step": st.step}
 
     def save() -> None:
         st.elapsed_seconds = elapsed_base + time.time() - t_start
         obj = model_only()
         obj.update({"optimizer": opt.state_dict(), "state": asdict(st)})
+        if ema is not None:
+            obj["ema"] = ema
         path = exp_dir / "checkpoints" / f"step-{st.step:08d}.pt"
         ckpt.atomic_save(obj, path)
         ckpt.prune_checkpoints(path.parent, tc.keep_last)
@@ -306,6 +349,10 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
                 torch.nn.utils.clip_grad_norm_(trainable, oc.clip_grad_norm)
             opt.step()
             st.step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_([ema[n] for n, _ in ema_named], [p.detach().float() for _, p in ema_named],
+                                         1.0 - ema_decay_at(tc.ema_decay, st.step))
             st.audio_seconds += float(ol.sum()) / fps
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if st.step % tc.log_every == 0:
@@ -330,15 +377,31 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     log.info("training stopped: %s; %d steps, %d epochs, %.1f min", reason, st.step, st.epoch, minutes())
     if last_saved != st.step:
         save()
-    if st.best_step != st.step:
-        evaluate()
+    info = {"feature_store": {"views": len(views), "utterances": len(feats), "frames": frames, "dropped": dropped,
+                              "stored_layers": n_frozen, "trained_layers": n_train}}
+    run = StoreRun(exp_dir, st)
+    # the written candidates, as in the ordinary loop: the average of the last step checkpoints, the EMA
+    written: dict[str, Path | None] = {"avg": None, "ema": None}
+    cks = ckpt.list_checkpoints(exp_dir / "checkpoints")[-tc.average_last:] if tc.average_last > 1 else []
+    if len(cks) >= 2:
+        obj = model_only(ckpt.average_checkpoints([p for _, p in cks]))
+        obj["averaged"] = [s for s, _ in cks]
+        written["avg"] = exp_dir / "avg.pt"
+        ckpt.atomic_save(obj, written["avg"])
+        log.info("averaged the last %d checkpoints (steps %s) into %s", len(cks), ", ".join(str(s) for s, _ in cks),
+                 written["avg"])
+    if ema is not None:
+        obj = model_only({k: (ema[k].to(v.dtype) if k in ema else v) for k, v in core.state_dict().items()})
+        obj["ema_decay"] = tc.ema_decay
+        written["ema"] = exp_dir / "ema.pt"
+        ckpt.atomic_save(obj, written["ema"])
+        log.info("wrote the EMA of the weights (decay %g) to %s", tc.ema_decay, written["ema"])
     if not dev:  # nothing to choose by: the final weights
         ckpt.atomic_save(model_only(), exp_dir / "best.pt")
-    run = StoreRun(exp_dir, st)
-    sel = {"chosen": "best_step" if dev else "final", "step": st.best_step if dev else st.step,
-           "dev_wer": None if not dev else st.best_wer, "metric": "dev WER" if dev else None,
-           "feature_store": {"views": len(views), "utterances": len(feats), "frames": frames, "dropped": dropped,
-                             "stored_layers": n_frozen, "trained_layers": n_train}}
-    (exp_dir / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
-    run.selection = sel
+        sel = {"chosen": "final", "step": st.step, "dev_wer": None, "metric": None, **info}
+        (exp_dir / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
+        run.selection = sel
+        return run
+    final_rep = last_dev["rep"] if last_dev["step"] == st.step else evaluate()
+    run.selection = select_best(exp_dir, st, final_rep, written, score, model_only, len(dev), info)
     return run

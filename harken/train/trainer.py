@@ -716,51 +716,65 @@ SELECTION_ORDER = ("avg", "ema", "final", "best_step")
 
 
 def choose_best(run: Run, written: dict[str, Path | None]) -> dict | None:
-    """Rank 0: evaluate on dev every model the run wrote (``written``: name -> file, e.g. avg.pt and
-    ema.pt; the final weights and the best step checkpoint are known already), copy the one with
-    the lowest dev WER (then CER, then :data:`SELECTION_ORDER`) to best.pt and write
-    exp_dir/selection.json. The best step checkpoint, when it loses, is kept as best_step.pt."""
+    """Rank 0: :func:`select_best` over this run's final weights, its best step checkpoint and
+    ``written`` (name -> file, e.g. avg.pt and ema.pt), each scored on dev by :func:`validate`."""
     st = run.state
     if run.last_report is None or run.last_report[0] != st.step:
         return None  # no dev set
     final_rep = run.last_report[1]
-    final_path = run.exp_dir / "checkpoints" / f"step-{st.step:08d}.pt"
+
+    def score(path: Path) -> dict:
+        keep = {k: v.detach().clone() for k, v in run.core.state_dict().items()}
+        try:
+            run.core.load_state_dict(ckpt.load_checkpoint(path)["model"])
+            return validate(run)
+        finally:
+            run.core.load_state_dict(keep)
+
+    return select_best(run.exp_dir, st, final_rep, written, score, lambda: model_only(run), len(run.dev_records))
+
+
+def select_best(exp_dir: Path, st: TrainState, final_rep: dict, written: dict[str, Path | None], score,
+                final_obj, dev_utts: int, extra: dict | None = None) -> dict:
+    """Evaluate on dev every model a run wrote and keep the winner as exp_dir/best.pt.
+
+    Candidates: the final weights (``final_rep``: their dev report, ``final_obj()``: their checkpoint
+    object), the best step checkpoint already in best.pt (``st.best_step``/``best_wer``), and
+    ``written`` (name -> file, scored by ``score(path) -> {"wer", "cer"}``). The lowest dev WER wins,
+    then CER, then :data:`SELECTION_ORDER`; a losing best step checkpoint is kept as best_step.pt.
+    Writes exp_dir/selection.json (plus ``extra``) and returns it. Shared by the ordinary loop and
+    the feature-store trainer."""
+    final_path = exp_dir / "checkpoints" / f"step-{st.step:08d}.pt"
     cands = [{"name": "final", "path": str(final_path), "step": st.step, "wer": final_rep["wer"],
               "cer": final_rep["cer"]}]
-    best_file = run.exp_dir / "best.pt"
+    best_file = exp_dir / "best.pt"
     if st.best_step >= 0 and st.best_step != st.step and best_file.exists():
         cands.append({"name": "best_step", "path": str(best_file), "step": st.best_step, "wer": st.best_wer,
                       "cer": st.best_cer})
-    if any(p is not None for p in written.values()):
-        keep = {k: v.detach().clone() for k, v in run.core.state_dict().items()}
-        try:
-            for name, path in written.items():
-                if path is None:
-                    continue
-                run.core.load_state_dict(ckpt.load_checkpoint(path)["model"])
-                rep = validate(run)
-                log.info("%s dev WER %.2f%% CER %.2f%%", path.name, 100 * rep["wer"], 100 * rep["cer"])
-                cands.append({"name": name, "path": str(path), "step": st.step, "wer": rep["wer"], "cer": rep["cer"]})
-        finally:
-            run.core.load_state_dict(keep)
+    for name, path in written.items():
+        if path is None:
+            continue
+        rep = score(path)
+        log.info("%s dev WER %.2f%% CER %.2f%%", path.name, 100 * rep["wer"], 100 * rep["cer"])
+        cands.append({"name": name, "path": str(path), "step": st.step, "wer": rep["wer"], "cer": rep["cer"]})
     win = min(cands, key=lambda c: (c["wer"], c["cer"], SELECTION_ORDER.index(c["name"])))
     if win["name"] != "best_step":
         if any(c["name"] == "best_step" for c in cands):  # keep the best step's weights beside it
-            moved = run.exp_dir / "best_step.pt"
+            moved = exp_dir / "best_step.pt"
             ckpt.atomic_save(ckpt.load_checkpoint(best_file), moved)
             for c in cands:
                 if c["name"] == "best_step":
                     c["path"] = str(moved)
-        obj = model_only(run) if win["name"] == "final" else ckpt.load_checkpoint(win["path"])
+        obj = final_obj() if win["name"] == "final" else ckpt.load_checkpoint(win["path"])
         obj["selected"] = win["name"]
         ckpt.atomic_save(obj, best_file)
     sel = {"chosen": win["name"], "chosen_path": win["path"], "best": str(best_file), "metric": "dev WER",
-           "dev_utts": len(run.dev_records), "candidates": cands}
+           "dev_utts": dev_utts, "candidates": cands, **(extra or {})}
     from harken.fsutil import atomic_write_text
 
-    atomic_write_text(run.exp_dir / "selection.json", json.dumps(sel, indent=2) + "\n", fsync=False)
+    atomic_write_text(exp_dir / "selection.json", json.dumps(sel, indent=2) + "\n", fsync=False)
     log.info("best.pt <- %s (dev WER %.2f%%); candidates: %s; see %s", win["name"], 100 * win["wer"],
-             ", ".join(f"{c['name']} {100 * c['wer']:.2f}%" for c in cands), run.exp_dir / "selection.json")
+             ", ".join(f"{c['name']} {100 * c['wer']:.2f}%" for c in cands), exp_dir / "selection.json")
     return sel
 
 
