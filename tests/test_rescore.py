@@ -50,6 +50,39 @@ def test_decoder_generates_what_ctranslate2_generates(rescorer, tiny_en, tiny_co
     assert len(toks) > len(rescorer.prompt) + 3
 
 
+def test_incremental_decoding_matches_the_whole_sequence(rescorer, tiny_corpus):
+    """``WhisperDecoder.step`` with its key/value cache gives the states ``hidden`` gives over the whole
+    sequence (the prompt at once, then token by token), and ``transcribe`` (which uses it) returns the
+    greedy transcript the uncached loop of the test above produces."""
+    wave, text = real_speech(tiny_corpus)
+    dec = rescorer.decoder
+    with torch.inference_mode():
+        mem = rescorer.memory(wave, full_window=True)
+        toks = list(rescorer.prompt) + rescorer.token_ids(text)
+        full = dec.hidden(torch.tensor([toks]), mem)
+        cross = dec.cross_memory(mem)
+        n0 = len(rescorer.prompt)
+        first, cache = dec.step(torch.tensor([toks[:n0]]), cross)
+        parts = [first]
+        for t in toks[n0:]:
+            h, cache = dec.step(torch.tensor([[t]]), cross, cache)
+            parts.append(h)
+        inc = torch.cat(parts, dim=1)
+        assert cache[0][0].shape[2] == len(toks)
+        assert torch.allclose(inc, full, atol=1e-4), float((inc - full).abs().max())
+        # greedy without the cache, as the test above runs it
+        seq = list(rescorer.prompt)
+        for _ in range(80):
+            nxt = int(dec(torch.tensor([seq]), mem)[0, -1].argmax())
+            if nxt == rescorer.eot:
+                break
+            seq.append(nxt)
+    got, avg_lp, no_speech = rescorer.transcribe(wave)
+    want = rescorer.tokenizer.decode([t for t in seq[n0:] if t < rescorer.eot])
+    assert got == want and len(got.split()) >= 4
+    assert avg_lp < 0 and 0.0 <= no_speech < 0.5
+
+
 def test_the_right_transcript_scores_best(rescorer, tiny_corpus):
     wave, text = real_speech(tiny_corpus)
     words = text.split()

@@ -137,20 +137,23 @@ class WhisperRescorer:
         (of ``<|nocaptions|>`` / ``<|nospeech|>`` right after start-of-transcript; NaN when the model
         has no such token), Whisper's own silence test.  Used to pseudo-label untranscribed audio
         (:mod:`harken.data.pseudo`), not on any serving path."""
-        mem = self.memory(wave, full_window=True)
+        cross = self.decoder.cross_memory(self.memory(wave, full_window=True))
         toks = list(self.prompt)
         total, n, no_speech = 0.0, 0, float("nan")
         limit = min(max_tokens, self.decoder.max_positions - len(self.prompt))
-        for step in range(limit):
-            hs = self.decoder.hidden(torch.tensor([toks]), mem)
-            if step == 0 and self.nospeech is not None:
-                no_speech = float(self.decoder.logits(hs[:, 0])[0].float().softmax(-1)[self.nospeech])
+        hs, cache = self.decoder.step(torch.tensor([toks]), cross)  # the prompt, then one token per step
+        if self.nospeech is not None:
+            no_speech = float(self.decoder.logits(hs[:, 0])[0].float().softmax(-1)[self.nospeech])
+        for _ in range(limit):
             lp = self.decoder.logits(hs[:, -1])[0].float().log_softmax(-1)
             nxt = int(lp.argmax())
             total, n = total + float(lp[nxt]), n + 1
             if nxt == self.eot:
                 break
             toks.append(nxt)
+            if len(toks) >= self.decoder.max_positions:
+                break
+            hs, cache = self.decoder.step(torch.tensor([[nxt]]), cross, cache)
         text_ids = [t for t in toks[len(self.prompt):] if t < self.eot]  # no special tokens
         return self.tokenizer.decode(text_ids), total / max(n, 1), no_speech
 

@@ -58,6 +58,27 @@ class _Block(nn.Module):
         k, v = self.cross_kv(mem).chunk(2, dim=-1)
         return self._split(k), self._split(v)
 
+    def forward_cached(self, x: torch.Tensor, mem_kv: tuple[torch.Tensor, torch.Tensor],
+                       past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:
+        """``forward`` for the ``l`` newest positions of a sequence whose earlier self-attention keys
+        and values are ``past`` ((B,H,P,D/H) each, or None); returns the new states and the keys and
+        values of all P + l positions."""
+        b, t, d = x.shape
+        q, k, v = self.self_qkv(self.self_ln(x)).chunk(3, dim=-1)
+        k, v = self._split(k), self._split(v)
+        p = 0
+        if past is not None:
+            p = past[0].shape[2]
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        # new position i (absolute p + i) sees every past position and the new ones up to itself
+        mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        a = F.scaled_dot_product_attention(self._split(q), k, v, attn_mask=mask)
+        x = x + self.self_out(a.transpose(1, 2).reshape(b, t, d))
+        q = self._split(self.cross_q(self.cross_ln(x)))
+        a = F.scaled_dot_product_attention(q, mem_kv[0], mem_kv[1])
+        x = x + self.cross_out(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x)))), (k, v)
+
 
 class WhisperDecoder(nn.Module):
     """``forward(tokens (B,L), memory (B,T,D), mem_lens (B,)) -> logits (B,L,V)``."""
@@ -101,6 +122,27 @@ class WhisperDecoder(nn.Module):
                 k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
             x = blk(x, causal, (k, v), mem_mask)
         return self.ln(x)
+
+    def cross_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention keys and values of ``memory`` (B,T,D), for :meth:`step`."""
+        return [blk.memory(memory) for blk in self.blocks]
+
+    def step(self, tokens: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]],
+             cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list]:
+        """Incremental decoding: the final-LN hidden states (B,l,D) of ``tokens`` (B,l), the next l
+        tokens after the ones ``cache`` holds (None: the sequence starts here), and the new cache.
+        The same numbers as :meth:`hidden` over the whole sequence, at the cost of the new tokens only:
+        the cross-attention keys and values come once from :meth:`cross_memory`."""
+        p = 0 if cache is None else cache[0][0].shape[2]
+        b, L = tokens.shape
+        if p + L > self.max_positions:
+            raise ValueError(f"whisper decoder: {p + L} tokens exceed its {self.max_positions} positions")
+        x = self.embed(tokens) + self.positions[p:p + L]
+        new = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk.forward_cached(x, cross[i], None if cache is None else cache[i])
+            new.append(kv)
+        return self.ln(x), new
 
 
 def load_ct2_decoder(path: str | Path) -> WhisperDecoder:
