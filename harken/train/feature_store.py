@@ -229,9 +229,10 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     if not feats:
         raise ValueError(f"the feature store holds no usable utterance ({dropped})")
     frames = sum(f.shape[0] for f in feats)
+    stored_mb = sum(f.numel() for f in {id(f): f for f in feats}.values()) * 2 / 1e6  # shared copies once
     log.info("feature store: %d view(s) x %d utterances -> %d kept (%s), %d frames, %.0f MB, %d of %d layers "
              "stored, %.1f s", len(views), len(records), len(feats), ", ".join(f"{k} {n}" for k, n in dropped.items()),
-             frames, sum(f.numel() for f in {id(f): f for f in feats}.values()) * 2 / 1e6, n_frozen, len(enc.layers), time.time() - t0)
+             frames, stored_mb, n_frozen, len(enc.layers), time.time() - t0)
 
     # -- optimizer, schedule
     groups = param_groups(core, oc.lr, oc.weight_decay)
