@@ -27,12 +27,15 @@ voices-apt:
 	else echo "voices-apt: not root or no apt-get; continuing with pip voices only"; fi
 
 # Debian packages the tests use: ffmpeg (compressed audio), prometheus (promtool, a live scrape),
-# chromium (the web page), pocketsphinx-testdata (real speech); PostgreSQL when no initdb is found.
+# chromium (the web page), pocketsphinx-testdata and the Asterisk prompts (real speech); PostgreSQL when
+# no initdb is found.
 test-apt:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  pkgs=""; for b in ffmpeg:ffmpeg promtool:prometheus chromium:chromium; do \
 	    command -v $${b%%:*} >/dev/null || pkgs="$$pkgs $${b##*:}"; done; \
 	  dpkg -s pocketsphinx-testdata >/dev/null 2>&1 || pkgs="$$pkgs pocketsphinx-testdata"; \
+	  dpkg -s asterisk-core-sounds-en-wav asterisk-core-sounds-en >/dev/null 2>&1 || \
+	    pkgs="$$pkgs asterisk-core-sounds-en-wav asterisk-core-sounds-en"; \
 	  command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pkgs="$$pkgs postgresql"; \
 	  if [ -n "$$pkgs" ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends $$pkgs >/dev/null) || echo "test-apt: apt-get failed for$$pkgs"; fi; \

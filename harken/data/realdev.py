@@ -289,3 +289,76 @@ def build_real_dev(out_dir: str | os.PathLike, sdist: str | os.PathLike | None =
 def prepare_realdev(out_dir: str | os.PathLike, sdist: str | os.PathLike | None = None) -> str:
     """``harken prepare realdev OUT``: build the set, return the manifest path."""
     return build_real_dev(out_dir, sdist=sdist)["manifest"]
+
+
+# ------------------------------------------------------------------------------------ asterisk prompts
+#: Debian's ``asterisk-core-sounds-en-wav`` (CC-BY-SA-3.0): the English prompts of the Asterisk PBX,
+#: recorded by one professional speaker (Allison Smith), 8 kHz 16-bit; their texts are in
+#: ``asterisk-core-sounds-en``'s ``core-sounds-en.txt.gz`` (``name: text`` lines).
+ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+ASTERISK_TEXTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+# keys of a telephone keypad as the prompts say them
+_KEYPAD = {"*": " star ", "#": " pound "}
+
+
+def asterisk_records(sounds: str | os.PathLike = ASTERISK_SOUNDS, texts: str | os.PathLike = ASTERISK_TEXTS,
+                     ) -> tuple[list[Record], list[dict]]:
+    """(records, left out): every prompt whose wav exists and whose text is speech. Left out, with the
+    reason: sound effects (texts in square brackets: tones, beeps), texts without a file, files that
+    cannot be read. Durations are read from the files."""
+    import gzip
+
+    import soundfile as sf
+
+    sounds, texts = Path(sounds), Path(texts)
+    if not sounds.is_dir():
+        raise FileNotFoundError(f"{sounds}: no Asterisk prompts here; install them with `apt-get install "
+                                "asterisk-core-sounds-en-wav asterisk-core-sounds-en` (Debian)")
+    if not texts.is_file():
+        raise FileNotFoundError(f"{texts}: the prompts' transcript file is missing; install "
+                                "`asterisk-core-sounds-en` (Debian)")
+    recs: list[Record] = []
+    left: list[dict] = []
+    opener = gzip.open if texts.suffix == ".gz" else open
+    with opener(texts, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(";") or ":" not in line:
+                continue
+            name, text = (x.strip() for x in line.split(":", 1))
+            wav = sounds / f"{name}.wav"
+            if not text or text.startswith("["):
+                left.append({"name": name, "reason": "not speech", "text": text})
+                continue
+            if not wav.is_file():
+                left.append({"name": name, "reason": "no audio file", "text": text})
+                continue
+            for k, v in _KEYPAD.items():
+                text = text.replace(k, v)
+            norm = normalize_text(text)
+            try:
+                info = sf.info(str(wav))
+            except RuntimeError as e:
+                left.append({"name": name, "reason": f"unreadable ({e})", "text": text})
+                continue
+            if not norm:
+                left.append({"name": name, "reason": "no words", "text": text})
+                continue
+            recs.append(Record(f"asterisk-{name.replace('/', '-')}", str(wav), round(info.frames / info.samplerate, 3),
+                               norm, speaker="asterisk:allison", group="asterisk",
+                               extra={"source": "asterisk", "sample_rate": info.samplerate}))
+    return recs, left
+
+
+def prepare_asterisk(out_dir: str | os.PathLike, sounds: str | os.PathLike = ASTERISK_SOUNDS,
+                     texts: str | os.PathLike = ASTERISK_TEXTS) -> dict:
+    """``harken prepare asterisk OUT``: OUT/asterisk.jsonl (the audio stays where Debian put it) and
+    OUT/left_out.jsonl; returns a summary."""
+    recs, left = asterisk_records(sounds, texts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out / "asterisk.jsonl", recs)
+    with open(out / "left_out.jsonl", "w") as f:
+        for row in left:
+            f.write(json.dumps(row) + "\n")
+    return {"manifest": str(out / "asterisk.jsonl"), "utterances": len(recs),
+            "seconds": sum(r.duration for r in recs), "left_out": len(left)}
