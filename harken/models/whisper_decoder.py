@@ -49,6 +49,11 @@ class _Block(nn.Module):
         q, k, v = self.self_qkv(self.self_ln(x)).chunk(3, dim=-1)
         a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=self_mask)
         x = x + self.self_out(a.transpose(1, 2).reshape(b, t, d))
+        return self._cross_and_mlp(x, mem_kv, mem_mask)
+
+    def _cross_and_mlp(self, x: torch.Tensor, mem_kv: tuple[torch.Tensor, torch.Tensor],
+                       mem_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
         q = self._split(self.cross_q(self.cross_ln(x)))
         a = F.scaled_dot_product_attention(q, mem_kv[0], mem_kv[1], attn_mask=mem_mask)
         x = x + self.cross_out(a.transpose(1, 2).reshape(b, t, d))
@@ -74,10 +79,7 @@ class _Block(nn.Module):
         mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(diagonal=p)
         a = F.scaled_dot_product_attention(self._split(q), k, v, attn_mask=mask)
         x = x + self.self_out(a.transpose(1, 2).reshape(b, t, d))
-        q = self._split(self.cross_q(self.cross_ln(x)))
-        a = F.scaled_dot_product_attention(q, mem_kv[0], mem_kv[1])
-        x = x + self.cross_out(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x)))), (k, v)
+        return self._cross_and_mlp(x, mem_kv, None), (k, v)
 
 
 class WhisperDecoder(nn.Module):
