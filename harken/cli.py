@@ -56,7 +56,7 @@ def cmd_synth(a) -> int:
 def cmd_prepare(a) -> int:
     from harken.data.manifest import read_manifest, write_manifest
 
-    if a.kind not in ("realdev", "codec2", "asterisk") and not a.output:
+    if a.kind not in ("realdev", "codec2") and not a.output:
         raise ValueError(f"harken prepare {a.kind} needs -o/--output")
     if a.kind == "cmvn":
         from harken.config import load_config
@@ -71,13 +71,6 @@ def cmd_prepare(a) -> int:
         from harken.data.realdev import prepare_realdev
 
         print(f"wrote {prepare_realdev(a.source)}")
-        return 0
-    if a.kind == "asterisk":  # real transcribed 8 kHz prompts from Debian's asterisk-core-sounds-en-wav
-        from harken.data.realdev import prepare_asterisk
-
-        summ = prepare_asterisk(a.source)
-        print(f"wrote {summ['manifest']}: {summ['utterances']} prompts, {summ['seconds'] / 60:.1f} min, one speaker "
-              f"({summ['left_out']} left out, listed in left_out.jsonl)")
         return 0
     if a.kind == "codec2":  # untranscribed real 8 kHz speech from Debian's codec2-examples, cut at pauses
         from harken.data.pseudo import build_codec2_segments
@@ -492,11 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "extra.raw_text). 'csv' reads any CSV/TSV with a header (columns found by "
                                    "name), 'commonvoice' a Common Voice TSV (clips/ beside it), 'audiofolder' a "
                                    "Hugging Face audiofolder (metadata.csv), 'folder' audio files with .txt "
-                                   "sidecars or labels in their names (--label-pattern).")
+                                   "sidecars or labels in their names (--label-pattern), 'asterisk' the recorded "
+                                   "prompts of Debian's asterisk-core-sounds-en-wav (real 8 kHz speech).")
     s.add_argument("kind", choices=["kaldi", "librispeech", "nemo", "folder", "csv", "commonvoice", "audiofolder",
                                     "cmvn", "realdev", "codec2", "asterisk"])
     s.add_argument("source", help="data dir / root / NeMo manifest / folder / CSV or TSV file / audiofolder; "
-                                  "a manifest for 'cmvn'; the output folder for 'realdev', 'codec2' and 'asterisk'")
+                                  "a manifest for 'cmvn'; the output folder for 'realdev' and 'codec2'; the "
+                                  "prompts folder for 'asterisk' (Debian: /usr/share/asterisk/sounds/en_US_f_Allison)")
     s.add_argument("-o", "--output", default=None, help="manifest (.jsonl) or cmvn.json to write")
     s.add_argument("--path-col", default=None, help="csv: the audio path column (default: found by name: path, "
                                                     "file_name, audio, ...)")

@@ -238,5 +238,6 @@ def test_folder_errors(tmp_path):
 
 
 def test_registry():
-    assert set(IMPORTERS) == {"kaldi", "librispeech", "nemo", "folder", "csv", "commonvoice", "audiofolder"}
+    assert set(IMPORTERS) == {"kaldi", "librispeech", "nemo", "folder", "csv", "commonvoice", "audiofolder",
+                              "asterisk"}
     assert all(callable(f) for f in IMPORTERS.values())

@@ -93,12 +93,17 @@ def test_build_real_dev(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["utterances"] == 55
 
 
+
 def test_asterisk_importer_keeps_speech_and_says_what_it_left_out(tmp_path):
     """A prompt tree like Debian's: speech kept (keypad symbols said as words, numbers spelled out), a
-    tone (bracketed text), a text without its file and an unreadable file left out with their reasons."""
+    tone (bracketed text), a text without its file and an unreadable file left out with their reasons;
+    through `harken prepare asterisk` as a user runs it."""
     import gzip
+    import subprocess
+    import sys
 
     from harken.audio import save_wav
+    from harken.data.importers import DropLog, finalize_records, import_asterisk
 
     sounds = tmp_path / "en_US_f_Allison"
     (sounds / "digits").mkdir(parents=True)
@@ -107,30 +112,40 @@ def test_asterisk_importer_keeps_speech_and_says_what_it_left_out(tmp_path):
     save_wav(sounds / "digits" / "2.wav", (0.1 * rng.standard_normal(4000)).astype(np.float32), 8000)
     save_wav(sounds / "beep.wav", np.zeros(800, np.float32), 8000)
     (sounds / "broken.wav").write_bytes(b"RIFF\x00\x00not a wav")
-    texts = tmp_path / "core-sounds-en.txt.gz"
+    texts = sounds / "core-sounds-en.txt.gz"
     with gzip.open(texts, "wt") as f:
         f.write("; Core Asterisk Sounds in English\n\nvm-press: Press * for help, or # when done, 3 times.\n"
                 "digits/2: two\nbeep: [this is a simple beep tone]\nmissing: Not recorded.\nbroken: Broken.\n")
-    recs, left = realdev.asterisk_records(sounds, texts)
+    drops = DropLog()
+    recs = finalize_records(import_asterisk(sounds, drops), drops)
     assert [(r.id, r.text, r.duration) for r in recs] == [
         ("asterisk-vm-press", "press star for help or pound when done three times", 1.0),
         ("asterisk-digits-2", "two", 0.5)]
-    assert all(r.speaker == "asterisk:allison" and r.extra["sample_rate"] == 8000 for r in recs)
-    assert {x["name"]: x["reason"].split(" ")[0] for x in left} == {"beep": "not", "missing": "no",
-                                                                    "broken": "unreadable"}
-    out = realdev.prepare_asterisk(tmp_path / "out", sounds, texts)
-    assert out["utterances"] == 2 and out["left_out"] == 3
-    assert [r.id for r in read_manifest(out["manifest"])] == ["asterisk-vm-press", "asterisk-digits-2"]
-    with pytest.raises(FileNotFoundError, match="apt-get install asterisk-core-sounds-en-wav"):
-        realdev.asterisk_records(tmp_path / "nowhere", texts)
+    assert all(r.speaker == "asterisk:allison" and r.extra["source"] == "asterisk" for r in recs)
+    assert {d.id: d.reason for d in drops.items} == {"asterisk-beep": "no transcript",
+                                                     "asterisk-missing": "missing file",
+                                                     "asterisk-broken": "unreadable"}
+    out = tmp_path / "out" / "asterisk.jsonl"
+    p = subprocess.run([sys.executable, "-m", "harken.cli", "prepare", "asterisk", str(sounds), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [r.id for r in read_manifest(out)] == ["asterisk-vm-press", "asterisk-digits-2"]
+    assert len((tmp_path / "out" / "asterisk.dropped.jsonl").read_text().splitlines()) == 3
+    p = subprocess.run([sys.executable, "-m", "harken.cli", "prepare", "asterisk", str(tmp_path / "nowhere"),
+                        "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "apt-get install asterisk-core-sounds-en-wav" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_asterisk_prompts_from_debian():
-    if not realdev.ASTERISK_TEXTS.is_file() or not realdev.ASTERISK_SOUNDS.is_dir():
+    from harken.data.importers import ASTERISK_SOUNDS, ASTERISK_TEXTS, DropLog, import_asterisk
+
+    if not ASTERISK_TEXTS.is_file() or not ASTERISK_SOUNDS.is_dir():
         warnings.warn("LOUD SKIP: asterisk-core-sounds-en-wav not installed (apt-get install -y "
                       "asterisk-core-sounds-en-wav asterisk-core-sounds-en)", stacklevel=1)
         pytest.skip("LOUD SKIP: asterisk-core-sounds-en-wav not installed")
-    recs, left = realdev.asterisk_records()
+    drops = DropLog()
+    recs = import_asterisk(ASTERISK_SOUNDS, drops)
     assert len(recs) >= 500 and 20 * 60 < sum(r.duration for r in recs) < 30 * 60
     assert all(r.text and Path(r.audio).is_file() for r in recs)
-    assert all(x["reason"] in ("not speech", "no audio file") for x in left), left
+    assert all(d.reason in ("no transcript", "missing file") for d in drops.items), drops.first(10)

@@ -1068,6 +1068,57 @@ def import_audiofolder(source: str | os.PathLike, drops: DropLog | None = None, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Asterisk's English prompts (Debian asterisk-core-sounds-en-wav + asterisk-core-sounds-en)
+#: where Debian puts the prompts (one professional speaker, 8 kHz, CC-BY-SA-3.0) and their texts
+ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+ASTERISK_TEXTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+_KEYPAD = {"*": " star ", "#": " pound "}  # keypad keys as the prompts say them
+
+
+def import_asterisk(root: str | os.PathLike = ASTERISK_SOUNDS, drops: DropLog | None = None,
+                    texts: str | os.PathLike | None = None) -> list[Record]:
+    """The Asterisk PBX's recorded English prompts: ``root/NAME.wav`` for every ``NAME: text`` line
+    of ``core-sounds-en.txt[.gz]`` (``texts``; default: that file in ``root``, else where Debian's
+    ``asterisk-core-sounds-en`` installs it). Keypad symbols become the words the speaker says
+    ("star", "pound"). Sound effects (texts in square brackets: tones, beeps) are left out as
+    "no transcript"; missing and unreadable files as the other importers leave them out."""
+    import gzip
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: no Asterisk prompts here; install them with `apt-get install "
+                            "asterisk-core-sounds-en-wav asterisk-core-sounds-en` (Debian)")
+    if texts is None:
+        found = [root / n for n in ("core-sounds-en.txt.gz", "core-sounds-en.txt") if (root / n).is_file()]
+        texts = found[0] if found else ASTERISK_TEXTS
+    texts = Path(texts)
+    if not texts.is_file():
+        raise ManifestError(f"{texts}: the prompts' transcript file is missing; install "
+                            "`asterisk-core-sounds-en` (Debian)")
+    drops = drops if drops is not None else DropLog()
+    prober = _Prober(drops)
+    records: list[Record] = []
+    with (gzip.open(texts, "rt", encoding="utf-8") if texts.suffix == ".gz"
+          else open(texts, encoding="utf-8")) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.startswith(";") or ":" not in line:
+                continue
+            name, text = (x.strip() for x in line.split(":", 1))
+            rid, audio, where = f"asterisk-{name.replace('/', '-')}", str(root / f"{name}.wav"), f"{texts}:{lineno}"
+            if not text or text.startswith("["):
+                drops.add("no transcript", where, audio, rid, f"a sound, not speech: {text!r}")
+                continue
+            d = prober.duration(audio, where, rid)
+            if d is None:
+                continue
+            for k, v in _KEYPAD.items():
+                text = text.replace(k, v)
+            records.append(Record(rid, audio, round(d, 3), " ".join(text.split()), speaker="asterisk:allison",
+                                  group="asterisk", extra={"source": "asterisk"}))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
 # the last step of `harken prepare`
 def finalize_records(records: Iterable[Record], drops: DropLog) -> list[Record]:
     """Normalise every transcript with :func:`harken.text.normalize.normalize_text` (the form the
@@ -1118,4 +1169,5 @@ IMPORTERS: dict[str, Callable[..., list[Record]]] = {
     "csv": import_table,
     "commonvoice": import_commonvoice,
     "audiofolder": import_audiofolder,
+    "asterisk": import_asterisk,
 }

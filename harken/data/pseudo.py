@@ -25,6 +25,7 @@ Two parts, usable apart:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -226,57 +227,49 @@ def pseudo_label(records: Sequence[Record], teachers: Sequence[str], max_disagre
         models = [WhisperRescorer.load(t) for t in teachers]
     except RescoreError as e:
         raise PseudoLabelError(str(e)) from None
-    summ = PseudoSummary()
-    kept: list[Record] = []
-    texts_seen: dict[str, str] = {}
-    dropped_out = open(dropped_path, "w", encoding="utf-8") if dropped_path is not None else None
-    try:
-        _label_all(records, models, teachers, max_disagreement, max_compression, summ, kept, texts_seen,
-                   dropped_out)
-    finally:
-        if dropped_out is not None:
-            dropped_out.close()
-    return kept, summ
-
-
-def _label_all(records, models, teachers, max_disagreement, max_compression, summ, kept, texts_seen,
-               dropped_out) -> None:
     from harken.audio import load_audio
     from harken.decode.rescore import RescoreTooLong
 
-    def drop(r: Record, why: str, **info) -> None:
-        summ.drop(why)
-        if dropped_out is not None:
-            dropped_out.write(json.dumps({"id": r.id, "audio": r.audio, "reason": why, **info},
-                                         ensure_ascii=False) + "\n")
+    summ = PseudoSummary()
+    kept: list[Record] = []
+    texts_seen: dict[str, str] = {}
+    with (open(dropped_path, "w", encoding="utf-8") if dropped_path is not None
+          else contextlib.nullcontext()) as dropped_out:
 
-    for r in records:
-        try:
-            wave = load_audio(r.audio, sample_rate=SR, offset=r.offset, duration=r.duration)
-        except Exception as e:  # noqa: BLE001 - one bad file never costs the good ones
-            drop(r, "unreadable", detail=str(e).splitlines()[0] if str(e) else type(e).__name__)
-            continue
-        try:
-            outs = [m.transcribe(wave) for m in models]
-        except RescoreTooLong as e:
-            drop(r, "too_long", detail=str(e))
-            continue
-        raw, avg_lp, no_speech = outs[0]
-        text = normalize_text(raw)
-        checks = [normalize_text(t) for t, _, _ in outs[1:]]
-        why, dis = judge(text, checks, max_disagreement, max_compression, no_speech=no_speech, raw=raw)
-        if why is None and text in texts_seen:
-            why = "duplicate_text"
-        if why is not None:
-            drop(r, why, text=text, checks=checks, disagreement=round(dis, 3), first=texts_seen.get(text),
-                 no_speech=None if no_speech != no_speech else round(no_speech, 3))
-            continue
-        texts_seen[text] = r.id
-        extra = dict(r.extra)
-        extra.update({"label": "pseudo", "pseudo_by": list(teachers), "disagreement": round(dis, 3),
-                      "teacher_logprob": round(avg_lp, 3), "raw_text": raw.strip(),
-                      "no_speech": None if no_speech != no_speech else round(no_speech, 3)})
-        kept.append(Record(id=r.id, audio=r.audio, duration=r.duration, text=text, offset=r.offset,
-                           speaker=r.speaker, group=r.group, extra=extra))
-        summ.kept += 1
-        summ.seconds += r.duration
+        def drop(r: Record, why: str, **info) -> None:
+            summ.drop(why)
+            if dropped_out is not None:
+                dropped_out.write(json.dumps({"id": r.id, "audio": r.audio, "reason": why, **info},
+                                             ensure_ascii=False) + "\n")
+
+        for r in records:
+            try:
+                wave = load_audio(r.audio, sample_rate=SR, offset=r.offset, duration=r.duration)
+            except Exception as e:  # noqa: BLE001 - one bad file never costs the good ones
+                drop(r, "unreadable", detail=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            try:
+                outs = [m.transcribe(wave) for m in models]
+            except RescoreTooLong as e:
+                drop(r, "too_long", detail=str(e))
+                continue
+            raw, avg_lp, no_speech = outs[0]
+            text = normalize_text(raw)
+            checks = [normalize_text(t) for t, _, _ in outs[1:]]
+            why, dis = judge(text, checks, max_disagreement, max_compression, no_speech=no_speech, raw=raw)
+            if why is None and text in texts_seen:
+                why = "duplicate_text"
+            if why is not None:
+                drop(r, why, text=text, checks=checks, disagreement=round(dis, 3), first=texts_seen.get(text),
+                     no_speech=None if no_speech != no_speech else round(no_speech, 3))
+                continue
+            texts_seen[text] = r.id
+            extra = dict(r.extra)
+            extra.update({"label": "pseudo", "pseudo_by": list(teachers), "disagreement": round(dis, 3),
+                          "teacher_logprob": round(avg_lp, 3), "raw_text": raw.strip(),
+                          "no_speech": None if no_speech != no_speech else round(no_speech, 3)})
+            kept.append(Record(id=r.id, audio=r.audio, duration=r.duration, text=text, offset=r.offset,
+                               speaker=r.speaker, group=r.group, extra=extra))
+            summ.kept += 1
+            summ.seconds += r.duration
+    return kept, summ

@@ -151,7 +151,7 @@ class WhisperRescorer:
             if nxt == self.eot:
                 break
             toks.append(nxt)
-            if len(toks) >= self.decoder.max_positions:
+            if len(toks) - len(self.prompt) >= limit:  # no step for a token that would not be read
                 break
             hs, cache = self.decoder.step(torch.tensor([[nxt]]), cross, cache)
         text_ids = [t for t in toks[len(self.prompt):] if t < self.eot]  # no special tokens

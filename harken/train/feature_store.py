@@ -170,11 +170,13 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     from harken.train.trainer import (
         TrainState,
         check_training_data,
-        ema_decay_at,
+        ema_step_,
         load_train_records,
         make_tokenizer,
         seed_everything,
         select_best,
+        write_average,
+        write_ema_file,
     )
 
     cfg = validate(cfg)
@@ -250,7 +252,6 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
         elif resume is not None:
             log.warning("%s has no EMA of the weights (train.ema_decay was 0): the EMA starts from the resumed "
                         "weights", resume_path)
-    ema_named = [(n, p) for n, p in core.named_parameters() if ema is not None and n in ema]
     log.info("training %d of %d layers + the CTC head: %.2fM of %.2fM parameters", n_train, len(enc.layers),
              sum(p.numel() for p in trainable) / 1e6, sum(p.numel() for p in core.parameters()) / 1e6)
     fps = 1.0 / float(enc.frame_seconds)
@@ -280,14 +281,6 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
             st.best_wer, st.best_cer, st.best_step = rep["wer"], rep["cer"], st.step
             ckpt.atomic_save(model_only(), exp_dir / "best.pt")
         return rep
-
-    def score(path: Path) -> dict:  # a written candidate (avg.pt, ema.pt) on dev; the weights come back
-        keep = {k: v.detach().clone() for k, v in core.state_dict().items()}
-        try:
-            core.load_state_dict(ckpt.load_checkpoint(path)["model"])
-            return dev_report()
-        finally:
-            core.load_state_dict(keep)
 
     def model_only(state_dict: dict | None = None) -> dict:
         from harken.train.trainer import CHECKPOINT_VERSION
@@ -351,9 +344,7 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
             opt.step()
             st.step += 1
             if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_([ema[n] for n, _ in ema_named], [p.detach().float() for _, p in ema_named],
-                                         1.0 - ema_decay_at(tc.ema_decay, st.step))
+                ema_step_(ema, core, tc.ema_decay, st.step)
             st.audio_seconds += float(ol.sum()) / fps
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if st.step % tc.log_every == 0:
@@ -382,21 +373,8 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
                               "stored_layers": n_frozen, "trained_layers": n_train}}
     run = StoreRun(exp_dir, st)
     # the written candidates, as in the ordinary loop: the average of the last step checkpoints, the EMA
-    written: dict[str, Path | None] = {"avg": None, "ema": None}
-    cks = ckpt.list_checkpoints(exp_dir / "checkpoints")[-tc.average_last:] if tc.average_last > 1 else []
-    if len(cks) >= 2:
-        obj = model_only(ckpt.average_checkpoints([p for _, p in cks]))
-        obj["averaged"] = [s for s, _ in cks]
-        written["avg"] = exp_dir / "avg.pt"
-        ckpt.atomic_save(obj, written["avg"])
-        log.info("averaged the last %d checkpoints (steps %s) into %s", len(cks), ", ".join(str(s) for s, _ in cks),
-                 written["avg"])
-    if ema is not None:
-        obj = model_only({k: (ema[k].to(v.dtype) if k in ema else v) for k, v in core.state_dict().items()})
-        obj["ema_decay"] = tc.ema_decay
-        written["ema"] = exp_dir / "ema.pt"
-        ckpt.atomic_save(obj, written["ema"])
-        log.info("wrote the EMA of the weights (decay %g) to %s", tc.ema_decay, written["ema"])
+    written = {"avg": write_average(exp_dir, tc.average_last, model_only),
+               "ema": write_ema_file(exp_dir, core, ema, tc.ema_decay, model_only)}
     if not dev:  # nothing to choose by: the final weights
         ckpt.atomic_save(model_only(), exp_dir / "best.pt")
         sel = {"chosen": "final", "step": st.step, "dev_wer": None, "metric": None, **info}
@@ -404,5 +382,5 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
         run.selection = sel
         return run
     final_rep = last_dev["rep"] if last_dev["step"] == st.step else evaluate()
-    run.selection = select_best(exp_dir, st, final_rep, written, score, model_only, len(dev), info)
+    run.selection = select_best(exp_dir, st, final_rep, written, core, dev_report, model_only, len(dev), info)
     return run

@@ -51,6 +51,7 @@ temporary file is written and before the rename.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -409,19 +410,24 @@ def init_ema(run: Run) -> dict:
     return {n: p.detach().float().clone() for n, p in run.core.named_parameters()}
 
 
-def update_ema(run: Run) -> None:
-    """ema <- d * ema + (1 - d) * weights, in fp32, after every optimizer step (rank 0)."""
-    d = ema_decay_at(run.cfg.train.ema_decay, run.state.step)
-    named = dict(run.core.named_parameters())
+def ema_step_(ema: dict, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * weights, in fp32, for the parameters ``ema`` holds (all of them in
+    the ordinary loop, the trained ones in the feature store), after optimizer step ``step``."""
+    d = ema_decay_at(decay, step)
+    named = dict(model.named_parameters())
     with torch.no_grad():
-        keys = list(run.ema)
-        torch._foreach_lerp_([run.ema[k] for k in keys], [named[k].detach().float() for k in keys], 1.0 - d)
+        keys = list(ema)
+        torch._foreach_lerp_([ema[k] for k in keys], [named[k].detach().float() for k in keys], 1.0 - d)
 
 
-def ema_state_dict(run: Run) -> dict:
-    """The model's state dict with every parameter replaced by its EMA (buffers as they are)."""
-    sd = run.core.state_dict()
-    return {k: (run.ema[k].to(v.dtype) if k in run.ema else v) for k, v in sd.items()}
+def update_ema(run: Run) -> None:
+    """:func:`ema_step_` on the run's model after every optimizer step (rank 0)."""
+    ema_step_(run.ema, run.core, run.cfg.train.ema_decay, run.state.step)
+
+
+def with_ema(model: torch.nn.Module, ema: dict) -> dict:
+    """The model's state dict with every parameter ``ema`` holds replaced by its EMA."""
+    return {k: (ema[k].to(v.dtype) if k in ema else v) for k, v in model.state_dict().items()}
 
 
 def log_step(run: Run, norm: float, seconds: float, loss_sum: float, n_ok: int, elapsed: float, progress) -> None:
@@ -687,26 +693,29 @@ def restore(run: Run, path: Path) -> None:
              run.state.batch_in_epoch)
 
 
-def average_last(run: Run, n: int) -> Path | None:
-    cks = ckpt.list_checkpoints(run.exp_dir / "checkpoints")[-n:]
+def write_average(exp_dir: Path, n: int, model_obj) -> Path | None:
+    """exp_dir/avg.pt: the mean of the last ``n`` step checkpoints, as ``model_obj(state_dict)``
+    makes a model checkpoint; None when there are fewer than 2."""
+    cks = ckpt.list_checkpoints(exp_dir / "checkpoints")[-n:] if n > 1 else []
     if len(cks) < 2:
         return None
-    avg = ckpt.average_checkpoints([p for _, p in cks])
-    out = run.exp_dir / "avg.pt"
-    obj = model_only(run, avg)
+    obj = model_obj(ckpt.average_checkpoints([p for _, p in cks]))
     obj["averaged"] = [s for s, _ in cks]
+    out = exp_dir / "avg.pt"
     ckpt.atomic_save(obj, out)
+    log.info("averaged the last %d checkpoints (steps %s) into %s", len(cks), ", ".join(str(s) for s, _ in cks), out)
     return out
 
 
-def write_ema(run: Run) -> Path | None:
-    """exp_dir/ema.pt: the EMA weights as a normal model checkpoint (like avg.pt)."""
-    if run.ema is None:
+def write_ema_file(exp_dir: Path, model: torch.nn.Module, ema: dict | None, decay: float, model_obj) -> Path | None:
+    """exp_dir/ema.pt: the EMA weights as a normal model checkpoint (like avg.pt); None without EMA."""
+    if ema is None:
         return None
-    out = run.exp_dir / "ema.pt"
-    obj = model_only(run, ema_state_dict(run))
-    obj["ema_decay"] = run.cfg.train.ema_decay
+    obj = model_obj(with_ema(model, ema))
+    obj["ema_decay"] = decay
+    out = exp_dir / "ema.pt"
     ckpt.atomic_save(obj, out)
+    log.info("wrote the EMA of the weights (decay %g) to %s", decay, out)
     return out
 
 
@@ -721,29 +730,21 @@ def choose_best(run: Run, written: dict[str, Path | None]) -> dict | None:
     st = run.state
     if run.last_report is None or run.last_report[0] != st.step:
         return None  # no dev set
-    final_rep = run.last_report[1]
-
-    def score(path: Path) -> dict:
-        keep = {k: v.detach().clone() for k, v in run.core.state_dict().items()}
-        try:
-            run.core.load_state_dict(ckpt.load_checkpoint(path)["model"])
-            return validate(run)
-        finally:
-            run.core.load_state_dict(keep)
-
-    return select_best(run.exp_dir, st, final_rep, written, score, lambda: model_only(run), len(run.dev_records))
+    return select_best(run.exp_dir, st, run.last_report[1], written, run.core, lambda: validate(run),
+                       lambda: model_only(run), len(run.dev_records))
 
 
-def select_best(exp_dir: Path, st: TrainState, final_rep: dict, written: dict[str, Path | None], score,
-                final_obj, dev_utts: int, extra: dict | None = None) -> dict:
+def select_best(exp_dir: Path, st: TrainState, final_rep: dict, written: dict[str, Path | None],
+                model: torch.nn.Module, evaluate, final_obj, dev_utts: int, extra: dict | None = None) -> dict:
     """Evaluate on dev every model a run wrote and keep the winner as exp_dir/best.pt.
 
     Candidates: the final weights (``final_rep``: their dev report, ``final_obj()``: their checkpoint
-    object), the best step checkpoint already in best.pt (``st.best_step``/``best_wer``), and
-    ``written`` (name -> file, scored by ``score(path) -> {"wer", "cer"}``). The lowest dev WER wins,
-    then CER, then :data:`SELECTION_ORDER`; a losing best step checkpoint is kept as best_step.pt.
-    Writes exp_dir/selection.json (plus ``extra``) and returns it. Shared by the ordinary loop and
-    the feature-store trainer."""
+    object; ``model`` holds them), the best step checkpoint already in best.pt
+    (``st.best_step``/``best_wer``), and ``written`` (name -> file: each loaded into ``model`` and
+    scored by ``evaluate() -> {"wer", "cer"}``; the final weights are put back). The lowest dev WER
+    wins, then CER, then :data:`SELECTION_ORDER`; a losing best step checkpoint is kept as
+    best_step.pt. Writes exp_dir/selection.json (plus ``extra``) and returns it. Shared by the
+    ordinary loop and the feature-store trainer."""
     final_path = exp_dir / "checkpoints" / f"step-{st.step:08d}.pt"
     cands = [{"name": "final", "path": str(final_path), "step": st.step, "wer": final_rep["wer"],
               "cer": final_rep["cer"]}]
@@ -751,12 +752,18 @@ def select_best(exp_dir: Path, st: TrainState, final_rep: dict, written: dict[st
     if st.best_step >= 0 and st.best_step != st.step and best_file.exists():
         cands.append({"name": "best_step", "path": str(best_file), "step": st.best_step, "wer": st.best_wer,
                       "cer": st.best_cer})
-    for name, path in written.items():
-        if path is None:
-            continue
-        rep = score(path)
-        log.info("%s dev WER %.2f%% CER %.2f%%", path.name, 100 * rep["wer"], 100 * rep["cer"])
-        cands.append({"name": name, "path": str(path), "step": st.step, "wer": rep["wer"], "cer": rep["cer"]})
+    if any(p is not None for p in written.values()):
+        keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        try:
+            for name, path in written.items():
+                if path is None:
+                    continue
+                model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+                rep = evaluate()
+                log.info("%s dev WER %.2f%% CER %.2f%%", path.name, 100 * rep["wer"], 100 * rep["cer"])
+                cands.append({"name": name, "path": str(path), "step": st.step, "wer": rep["wer"], "cer": rep["cer"]})
+        finally:
+            model.load_state_dict(keep)
     win = min(cands, key=lambda c: (c["wer"], c["cer"], SELECTION_ORDER.index(c["name"])))
     if win["name"] != "best_step":
         if any(c["name"] == "best_step" for c in cands):  # keep the best step's weights beside it
@@ -1182,14 +1189,9 @@ def _train(cfg: ExperimentConfig) -> Run:
         save_checkpoint(run)
     validate_and_track(run)
     if run.dist.is_main:
-        written: dict[str, Path | None] = {"avg": None, "ema": None}
-        if cfg.train.average_last > 1:
-            written["avg"] = average_last(run, cfg.train.average_last)
-            if written["avg"]:
-                log.info("averaged the last %d checkpoints into %s", cfg.train.average_last, written["avg"])
-        written["ema"] = write_ema(run)
-        if written["ema"]:
-            log.info("wrote the EMA of the weights (decay %g) to %s", cfg.train.ema_decay, written["ema"])
+        obj = functools.partial(model_only, run)
+        written = {"avg": write_average(run.exp_dir, cfg.train.average_last, obj),
+                   "ema": write_ema_file(run.exp_dir, run.core, run.ema, cfg.train.ema_decay, obj)}
         run.selection = choose_best(run, written)
     if run.writer is not None:
         run.writer.close()
