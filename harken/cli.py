@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -601,10 +602,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NEGATIVE_LIST = re.compile(r"-(\d+\.?\d*|\.\d+)(,\s*-?(\d+\.?\d*|\.\d+))+")
+
+
+def _join_negative_lists(argv: list[str]) -> list[str]:
+    """``--word-bonuses -1,0,1`` as ``--word-bonuses=-1,0,1``: argparse takes a value that starts with
+    '-' for an option unless it is one plain number, so a comma list of numbers led by a negative one
+    was refused ("expected one argument")."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_LIST.fullmatch(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    argv = [x for x in argv if x != "--debug"]
+    argv = _join_negative_lists([x for x in argv if x != "--debug"])
     if argv[:1] == ["serve"]:  # the server has its own argument parser
         from harken.serve.cli import main as serve_main
 

@@ -339,9 +339,11 @@ def test_cli_eval_and_tune_on_onnx(tiny_ckpt, tiny_onnx, tmp_path):
     lm = tmp_path / "lm.arpa"
     assert _run(["lm", "build", "--text", text, "--order", "2", "--out", lm]).returncode == 0
     r = _run(["tune", "--checkpoint", tiny_onnx, "--manifest", man, "--lm", lm, "--lm-weights", "0,0.5",
-              "--word-bonuses", "0"])
+              "--word-bonuses", "-1,0"])  # a list led by a negative number is a value, not an option
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["utts"] == 4
+    lines = r.stdout.strip().splitlines()
+    assert json.loads(lines[-1])["utts"] == 4
+    assert sum("word_bonus=-1" in ln for ln in lines) == 2  # both weights tried with the negative bonus
 
 
 def test_cli_bad_model_file_is_one_line(tmp_path, tiny_ckpt):
