@@ -6,6 +6,7 @@ settings it cannot honour with one line."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -48,7 +49,7 @@ def _train_loss(model, corpus, tok) -> float:
                               torch.tensor([len(t) for t in tg]), reduction="mean"))
 
 
-def test_feature_store_trains_top_layer_only_resumes_and_serves(tiny_corpus, tmp_path):
+def test_feature_store_trains_top_layer_only_resumes_and_serves(tiny_corpus, tmp_path, caplog):
     from harken.models.build import build_model
     from harken.runtime import Engine
     from harken.text.tokenizer import tokenizer_from_dict
@@ -58,8 +59,12 @@ def test_feature_store_trains_top_layer_only_resumes_and_serves(tiny_corpus, tmp
     exp = tmp_path / "exp"
     cfg = load_config(None, _overrides(corpus, exp, **{"train.ema_decay": 0.9}))
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before it builds the model
-    run = train(cfg)
+    with caplog.at_level(logging.INFO, logger="harken"):
+        run = train(cfg)
     assert run.state.step == 24 and run.state.best_step in (12, 24)
+    # the steps and time it expects, like the ordinary loop: the plan first, the measured ETA after 20 steps
+    assert "max_steps 24 (about" in caplog.text and "batches), max_epochs" in caplog.text
+    assert "expect to stop at step 24 of max_steps 24 (by max_steps)" in caplog.text
     best = torch.load(exp / "best.pt", weights_only=True)
     tok = tokenizer_from_dict(best["tokenizer"])
     sel = json.loads((exp / "selection.json").read_text())

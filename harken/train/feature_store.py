@@ -168,11 +168,14 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     from harken.config import validate
     from harken.evaluate import as_engine, decode_records, error_report
     from harken.train.trainer import (
+        ETA_AFTER_STEPS,
         TrainState,
         check_training_data,
         ema_step_,
+        eta_message,
         load_train_records,
         make_tokenizer,
+        plan_message,
         seed_everything,
         select_best,
         write_average,
@@ -261,6 +264,9 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
     rng = random.Random(tc.seed + st.epoch)
     dev = read_manifest(dc.dev)[: tc.dev_max_utts] if dc.dev else []
     elapsed_base, t_start = st.elapsed_seconds, time.time()
+    epoch_batches = len(make_batches(lengths, max_frames, dc.max_batch_size or 10 ** 9, random.Random(0)))
+    plan_message(cfg, st, epoch_batches, unit="batches")
+    start_step, start_audio = st.step, st.audio_seconds
 
     def minutes() -> float:
         return (elapsed_base + time.time() - t_start) / 60.0
@@ -346,6 +352,10 @@ def train_feature_store(cfg: ExperimentConfig) -> StoreRun:
             if ema is not None:
                 ema_step_(ema, core, tc.ema_decay, st.step)
             st.audio_seconds += float(ol.sum()) / fps
+            if st.step - start_step == ETA_AFTER_STEPS:
+                wall = time.time() - t_start
+                eta_message(cfg, st, ETA_AFTER_STEPS, wall, minutes(), epoch_batches,
+                            (st.audio_seconds - start_audio) / max(1e-9, wall))
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             if st.step % tc.log_every == 0:
                 log.info("step %d loss %.3f lr %.2e (%.2f steps/s, %.1f min)", st.step, loss_sum / loss_n,

@@ -468,34 +468,43 @@ def steps_per_epoch(run: Run) -> int:
 def log_plan(run: Run) -> None:
     """The work expected, before the first step: steps, epochs, budget, schedule clock."""
     cfg, st = run.cfg, run.state
+    plan_message(cfg, st, steps_per_epoch(run))
+
+
+def plan_message(cfg: ExperimentConfig, st: TrainState, epoch_steps: int, unit: str = "steps") -> None:
+    """Log the work a run expects (both trainers): ``epoch_steps`` optimizer steps make an epoch."""
     tc = cfg.train
-    epochs = tc.max_steps / steps_per_epoch(run)
     budget = f"{tc.max_minutes:g} min" if tc.max_minutes is not None else "no time limit"
     used = f" ({st.elapsed_seconds / 60:.1f} min used by earlier runs)" if st.elapsed_seconds > 0 else ""
     clock = cfg.optim.schedule_clock if tc.max_minutes is not None else "steps"
-    log.info("max_steps %d (about %.1f epochs of %d steps), max_epochs %d, budget %s%s; LR schedule %s by the %s "
-             "clock%s", tc.max_steps, epochs, steps_per_epoch(run), tc.max_epochs, budget, used, cfg.optim.schedule,
-             clock, f"; resuming at step {st.step}" if st.step else "")
+    log.info("max_steps %d (about %.1f epochs of %d %s), max_epochs %d, budget %s%s; LR schedule %s by the %s "
+             "clock%s", tc.max_steps, tc.max_steps / max(1, epoch_steps), epoch_steps, unit, tc.max_epochs, budget,
+             used, cfg.optim.schedule, clock, f"; resuming at step {st.step}" if st.step else "")
 
 
 def maybe_log_eta(run: Run) -> None:
     """Once, ETA_AFTER_STEPS steps into this process: the measured speed and where the run will stop."""
-    st, tc = run.state, run.cfg.train
-    done = st.step - run.start_step
-    if done != ETA_AFTER_STEPS or not run.dist.is_main:
+    st = run.state
+    if st.step - run.start_step != ETA_AFTER_STEPS or not run.dist.is_main:
         return
-    wall = max(1e-9, time.time() - run.loop_start)
-    rate = done / wall
-    ends = {"max_steps": tc.max_steps,
-            "max_epochs": st.step + (tc.max_epochs - st.epoch) * steps_per_epoch(run)}
+    eta_message(run.cfg, st, ETA_AFTER_STEPS, time.time() - run.loop_start, elapsed_minutes(run),
+                steps_per_epoch(run), st.audio_seconds / max(1e-9, st.train_seconds))
+
+
+def eta_message(cfg: ExperimentConfig, st: TrainState, done: int, wall: float, minutes_used: float,
+                epoch_steps: int, audio_per_second: float) -> None:
+    """Log the measured speed (``done`` steps in ``wall`` seconds) and which limit will stop the run,
+    at which step and when (both trainers)."""
+    tc = cfg.train
+    rate = done / max(1e-9, wall)
+    ends = {"max_steps": tc.max_steps, "max_epochs": st.step + (tc.max_epochs - st.epoch) * epoch_steps}
     if tc.max_minutes is not None:
-        left_s = max(0.0, tc.max_minutes * 60 - elapsed_minutes(run) * 60)
-        ends["max_minutes"] = st.step + int(rate * left_s)
+        ends["max_minutes"] = st.step + int(rate * max(0.0, (tc.max_minutes - minutes_used) * 60))
     which = min(ends, key=lambda k: ends[k])
     final = max(st.step, min(ends[which], tc.max_steps))
     secs = (final - st.step) / rate
     log.info("speed %.2f steps/s (%.1f audio-s/s) over %d steps: expect to stop at step %d of max_steps %d (by %s) "
-             "in about %.1f min, around %s", rate, st.audio_seconds / max(1e-9, st.train_seconds), done, final,
+             "in about %.1f min, around %s", rate, audio_per_second, done, final,
              tc.max_steps, which, secs / 60, time.strftime("%H:%M:%S", time.localtime(time.time() + secs)))
 
 
