@@ -69,7 +69,10 @@ def test_incremental_decoding_matches_the_whole_sequence(rescorer, tiny_corpus):
             parts.append(h)
         inc = torch.cat(parts, dim=1)
         assert cache[0][0].shape[2] == len(toks)
-        assert torch.allclose(inc, full, atol=1e-4), float((inc - full).abs().max())
+        # float32 sums taken in a different order: the states reach |h| ~ 50-100, so the bound is relative
+        # to their scale (a wrong cache is off by O(1), not 1e-4)
+        err, scale = float((inc - full).abs().max()), float(full.abs().max())
+        assert err <= 2e-5 * scale, (err, scale)
         # greedy without the cache, as the test above runs it
         seq = list(rescorer.prompt)
         for _ in range(80):
