@@ -1,7 +1,8 @@
 """The own-data acceptance test (issue 11): a synthesized 8 kHz telephone-style set of short command
 words from several voices, trained with configs/small.yaml for at most 10 minutes on 2 threads,
 must reach <= 2% greedy WER on voices it never heard. The same set trains configs/small-pretrained.yaml
-(Whisper tiny.en's encoder + a CTC head), held to <= 6% (measured 3.17% for seed 42, mean 3.17% over 3 seeds, BENCHMARKS.md "Own data").
+(Whisper tiny.en's encoder + a CTC head), held to <= 6% (measured 3.17% for seed 42, mean 3.17% over
+3 seeds, BENCHMARKS.md "Own data").
 
 The set: 28 command words, said alone or in 2-3-word phrases. Test: 6 of espeak-ng's listed voices
 (:func:`harken.data.corpus.voices.available_voices`), held out. Training and dev: 96 other espeak-ng
